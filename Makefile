@@ -1,0 +1,30 @@
+# `make demo` and `make test` each create .venv and install the pinned set first.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# Re-installs only when the pins or the project metadata change (idempotent).
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.lock
+	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -c "import jax, flax, orbax.checkpoint, torch, transformers, tokenizers, safetensors, PIL, jinja2, hypothesis"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VPY) -m mmjax.demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VPY) -m pytest -q tests
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VPY) -m benchmarks.generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info
