@@ -1,0 +1,232 @@
+"""The public entry points: load, forward, generate (and Model.preprocess)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import registry
+from mmjax.bucketing import DEFAULT_BUCKETS, Buckets, pick
+from mmjax.errors import InputError, LoadError
+from mmjax.generation.engine import Engine
+from mmjax.generation.sampling import SamplingParams
+from mmjax.models.base import param_shapes
+from mmjax.tree import flatten_params
+
+__all__ = ["Model", "GenerationOutput", "load", "forward", "generate"]
+
+MAX_STOP_IDS = 8  # fixed slot count, so different stop sets share one compiled program
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded bundle: what mmjax.forward / mmjax.generate take."""
+
+    path: str
+    family: registry.Family
+    config: Any
+    module: Any
+    params: Any
+    processor: Any
+    dtype: Any
+    buckets: Buckets = DEFAULT_BUCKETS
+    mesh: Any = None
+    engine: Engine = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.engine = Engine(self.module)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def preprocess(self, images=None, prompt: str | Sequence[str] = "", *, chat_template: bool | None = None) -> dict:
+        """HF-named numpy arrays: input_ids [B, T] (right-padded), attention_mask [B, T], pixel_values, ..."""
+        if self.processor is None:
+            raise LoadError(f"{self.path}: no tokenizer/processor files were converted with this model")
+        return self.processor(images, prompt, chat_template=chat_template)
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    text: Any  # str for a str prompt, list[str] for a batch
+    token_ids: Any  # list[int] / list[list[int]]; a row's stop token is included, as HF does
+    prompt_tokens: Any
+    timings: dict
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise LoadError(f"{path}: {what} is missing (is this a folder written by converters.torch2flax?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise LoadError(f"{path}: {what} must hold a JSON object")
+    return d
+
+
+def load(path: str, *, mesh=None, buckets: Buckets | None = None) -> Model:
+    """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files."""
+    from mmjax import checkpoint
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise LoadError(f"{path}: not a folder")
+    meta = _read_json(os.path.join(path, "mmjax_config.json"), "mmjax_config.json")
+    try:
+        family = registry.resolve(meta.get("family_spec") or meta["family"])
+        cfg = family.config_cls.from_dict(meta["config"])
+    except KeyError as e:
+        raise LoadError(f"{path}/mmjax_config.json: missing key {e}") from None
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{path}/mmjax_config.json: config does not fit {family.name}: {e}") from None
+    stored = checkpoint.param_shapes(os.path.join(path, "params"))
+    dtypes = {np.dtype(s.dtype) for s in stored.values() if jnp.issubdtype(s.dtype, jnp.floating)}
+    dtype = jnp.bfloat16 if np.dtype(jnp.bfloat16) in dtypes else jnp.float32
+    module = family.build(cfg, dtype)
+    want = param_shapes(module)
+    problems = [f"{k}: missing from the checkpoint" for k in sorted(set(want) - set(stored))]
+    problems += [f"{k}: in the checkpoint but not in the model" for k in sorted(set(stored) - set(want))]
+    problems += [f"{k}: config expects shape {tuple(want[k].shape)}, checkpoint has {tuple(stored[k].shape)}"
+                 for k in sorted(set(want) & set(stored)) if tuple(want[k].shape) != tuple(stored[k].shape)]
+    if problems:
+        raise LoadError(f"{path}: params do not match mmjax_config.json:\n  " + "\n  ".join(problems))
+    target = None
+    if mesh is not None:
+        from mmjax.sharding import param_shardings  # issue: many devices
+        target = param_shardings(family, cfg, mesh, stored)
+    params = checkpoint.restore_params(os.path.join(path, "params"), target)
+    processor = family.processor(path, cfg) if family.processor is not None else None
+    return Model(path, family, cfg, module, params, processor, dtype, buckets or DEFAULT_BUCKETS, mesh)
+
+
+def _lengths(input_ids, attention_mask) -> np.ndarray:
+    ids = np.asarray(input_ids)
+    if attention_mask is None:
+        return np.full((ids.shape[0],), ids.shape[1], np.int32)
+    m = np.asarray(attention_mask).astype(bool)
+    lengths = m.sum(axis=1).astype(np.int32)
+    right_padded = np.arange(m.shape[1])[None, :] < lengths[:, None]
+    if not np.array_equal(m, right_padded):
+        raise InputError("attention_mask: mmjax expects right-padded rows (1...1 0...0); got left or inner padding")
+    if (lengths == 0).any():
+        raise InputError(f"attention_mask: rows {np.flatnonzero(lengths == 0).tolist()} are empty")
+    return lengths
+
+
+def forward(model: Model, input_ids, attention_mask=None, pixel_values=None, **extra) -> np.ndarray:
+    """Prefill logits [B, T, V] float32 on the exact (unpadded) shapes — what parity compares."""
+    lengths = _lengths(input_ids, attention_mask)
+    batch = {"input_ids": jnp.asarray(input_ids, jnp.int32), "lengths": jnp.asarray(lengths)}
+    if pixel_values is not None:
+        batch["pixel_values"] = jnp.asarray(pixel_values, model.dtype)
+    for k, v in extra.items():
+        if v is not None:
+            batch[k] = jnp.asarray(v)
+    if model.family.check_inputs is not None:
+        model.family.check_inputs(model.config, batch)
+    return np.asarray(model.engine.forward(model.params, batch))
+
+
+def _pad_rows(a: np.ndarray, rows: int, cols: int | None = None, fill=0) -> np.ndarray:
+    shape = (rows,) + ((cols,) if cols is not None else a.shape[1:2]) + a.shape[2:]
+    out = np.full(shape, fill, a.dtype)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out
+
+
+def _bucketed_batch(model: Model, inputs: dict, lengths: np.ndarray) -> dict:
+    """Pad every array to its bucket: rows, prompt length, image count (one compile per bucket)."""
+    bk = model.buckets
+    B, T = np.asarray(inputs["input_ids"]).shape
+    Bb, Tb = pick(B, bk.batch, "batch size"), pick(int(lengths.max()), bk.prompt, "prompt length")
+    ids = _pad_rows(np.asarray(inputs["input_ids"], np.int32)[:, :Tb], Bb, Tb)
+    batch = {"input_ids": ids}
+    if model.family.pad_inputs is not None:
+        batch.update(model.family.pad_inputs(model.config, inputs, bk, Bb, Tb))
+    elif inputs.get("pixel_values") is not None:
+        px = np.asarray(inputs["pixel_values"])
+        batch["pixel_values"] = _pad_rows(px, pick(px.shape[0], bk.images, "number of images"))
+    return {k: jnp.asarray(v, model.dtype if k == "pixel_values" else None) for k, v in batch.items()}
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max_new_tokens: int = 64,
+             min_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, stop_token_ids: Sequence[int] | None = None, chat_template: bool | None = None,
+             truncate: bool = False) -> GenerationOutput:
+    """Preprocess, prefill, then one jitted (donated) decode step per new token.
+
+    images: one PIL image, a list (one prompt), a list of lists (a batch), or None.
+    truncate=True shortens max_new_tokens to fit the context instead of raising."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
+        raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens], got {min_new_tokens!r}")
+    sp = SamplingParams(temperature, top_k, top_p, seed)
+    t0 = time.perf_counter()
+    inputs = model.preprocess(images, prompt, chat_template=chat_template)
+    lengths = _lengths(inputs["input_ids"], inputs.get("attention_mask"))
+    B = lengths.shape[0]
+    limit = getattr(model.config, "text", model.config).max_position_embeddings
+    if int(lengths.max()) + max_new_tokens > limit:
+        if not truncate or int(lengths.max()) >= limit:
+            raise InputError(f"prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                             f"context of {limit} tokens (pass truncate=True to shorten max_new_tokens)")
+        max_new_tokens = limit - int(lengths.max())
+        min_new_tokens = min(min_new_tokens, max_new_tokens)
+    if model.family.check_inputs is not None:
+        model.family.check_inputs(model.config, inputs)
+    batch = _bucketed_batch(model, inputs, lengths)
+    Bb, Tb = batch["input_ids"].shape
+    lens = np.ones((Bb,), np.int32)
+    lens[:B] = lengths
+    stops = sorted(set(model.tokenizer.eos_token_ids if model.processor is not None else ()) | set(stop_token_ids or ()))
+    if len(stops) > MAX_STOP_IDS:
+        raise InputError(f"stop_token_ids: at most {MAX_STOP_IDS} stop tokens, got {len(stops)}")
+    stop_arr = jnp.asarray(stops + [-1] * (MAX_STOP_IDS - len(stops)), jnp.int32)
+    M = pick(max_new_tokens, model.buckets.new_tokens, "max_new_tokens")
+    cache_len = Tb + M
+    key = jax.random.PRNGKey(seed)
+    args = (sp.arrays(), stop_arr, jnp.int32(min_new_tokens), jnp.int32(max_new_tokens), key)
+    t1 = time.perf_counter()
+    state = model.engine.prefill(model.params, batch, jnp.asarray(lens), *args,
+                                 cache_len=cache_len, max_new=M, greedy=sp.greedy)
+    state["done"].block_until_ready()
+    t2 = time.perf_counter()
+    for i in range(1, max_new_tokens):
+        # a host sync every 8 steps to stop early; finished rows only emit padding meanwhile
+        if i % 8 == 0 and bool(np.asarray(state["done"][:B]).all()):
+            break
+        state = model.engine.decode_step(model.params, state, *args, greedy=sp.greedy)
+    tokens = np.asarray(state["tokens"])[:B, :max_new_tokens]
+    steps = int(state["step"])
+    t3 = time.perf_counter()
+    stop_set = set(stops)
+    rows = []
+    for r in range(B):
+        out = []
+        for t in tokens[r, :steps].tolist():
+            out.append(t)
+            if t in stop_set and len(out) > min_new_tokens:
+                break
+        rows.append(out)
+    texts = [model.tokenizer.decode(r) for r in rows]
+    timings = {"preprocess_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2, "steps": steps,
+               "decode_tok_s": (steps - 1) * B / (t3 - t2) if steps > 1 and t3 > t2 else float("nan")}
+    single = isinstance(prompt, str)
+    prompt_tokens = [np.asarray(inputs["input_ids"])[r, : lengths[r]].tolist() for r in range(B)]
+    return GenerationOutput(texts[0] if single else texts, rows[0] if single else rows,
+                            prompt_tokens[0] if single else prompt_tokens, timings)

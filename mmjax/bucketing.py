@@ -1,0 +1,45 @@
+"""Every padded shape mmjax compiles for is decided here, and only here.
+
+Inputs of varied sizes are padded up to the smallest bucket that holds them, so a stream
+of requests reuses a handful of compiled programs: one per (bucket, bucket, ...) tuple
+actually touched. Padding is masked (key lengths, segment ids), never computed into results.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from mmjax.errors import InputError
+
+__all__ = ["Buckets", "DEFAULT_BUCKETS", "pick"]
+
+
+def _pow2(lo: int, hi: int) -> tuple[int, ...]:
+    out, v = [], lo
+    while v <= hi:
+        out.append(v)
+        v *= 2
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    prompt: tuple[int, ...] = _pow2(32, 32768)  # prompt tokens (after image expansion)
+    batch: tuple[int, ...] = _pow2(1, 256)  # rows
+    images: tuple[int, ...] = _pow2(1, 64)  # images in one call
+    patches: tuple[int, ...] = _pow2(64, 65536)  # native-resolution patches (Qwen2-VL)
+    new_tokens: tuple[int, ...] = _pow2(16, 16384)  # decode steps (cache = prompt + new)
+
+    def cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
+        """KV cache length: prompt bucket + new-token bucket (both from finite sets)."""
+        return pick(prompt_len, self.prompt, "prompt length") + pick(max_new_tokens, self.new_tokens, "max_new_tokens")
+
+
+DEFAULT_BUCKETS = Buckets()
+
+
+def pick(value: int, buckets: tuple[int, ...], what: str) -> int:
+    """Smallest bucket >= value."""
+    for b in buckets:
+        if b >= value:
+            return b
+    raise InputError(f"{what} {value} exceeds the largest bucket {buckets[-1]}")

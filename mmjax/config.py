@@ -1,0 +1,182 @@
+"""Frozen config dataclasses. A family's config is built from the HF config.json once
+(at conversion) and stored in mmjax_config.json; variants are data, not subclasses
+with behaviour."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+__all__ = ["ConfigBase", "RopeConfig", "LlamaConfig", "ClipVisionConfig"]
+
+
+class ConfigBase:
+    """to_dict / from_dict for nested frozen dataclasses (tuples survive the JSON trip)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)  # type: ignore[type-var]
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+        for k, v in d.items():
+            kw[k] = _coerce(hints[k], v)
+        return cls(**kw)
+
+
+def _coerce(tp, v):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if isinstance(tp, type) and issubclass(tp, ConfigBase) and isinstance(v, dict):
+        return tp.from_dict(v)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for a in args:
+            if a is type(None) and v is None:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v)
+            except (TypeError, ValueError):
+                continue
+        return v
+    if origin is tuple and isinstance(v, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], x) for x in v)
+        return tuple(_coerce(a, x) for a, x in zip(args, v))
+    if tp is int and isinstance(v, (list, tuple)):
+        raise TypeError("not an int")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig(ConfigBase):
+    theta: float = 10000.0
+    rope_type: str = "default"  # default | linear | llama3 (| mrope via LlamaConfig.mrope_section)
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    # fraction of the head dim that is rotated (GPT-NeoX partial rotary); 1.0 = all.
+    partial_rotary_factor: float = 1.0
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "RopeConfig":
+        # transformers 5 writes `rope_parameters`; older checkpoints `rope_theta` + `rope_scaling`.
+        p = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or {}
+        theta = p.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rtype = p.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        src = {**scaling, **p}
+        if rtype not in ("default", "linear", "llama3", "mrope"):
+            raise ValueError(f"rope_type {rtype!r} is not supported (default, linear, llama3)")
+        return cls(
+            theta=float(theta),
+            rope_type="default" if rtype == "mrope" else rtype,
+            factor=float(src.get("factor", 1.0)),
+            low_freq_factor=float(src.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(src.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(src.get("original_max_position_embeddings", 8192)),
+            partial_rotary_factor=float(src.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(ConfigBase):
+    """A Llama-style decoder: RMSNorm, RoPE, GQA, SwiGLU. Qwen2 is this with qkv_bias."""
+
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # M-RoPE (Qwen2-VL): head-dim sections rotated by the t, h, w position axes.
+    mrope_section: tuple[int, ...] | None = None
+    # sliding-window attention (None = full causal).
+    sliding_window: int | None = None
+    attention_impl: str = "auto"  # auto | xla | pallas (mmjax.kernels.attention)
+
+    @classmethod
+    def from_hf(cls, t: dict, *, tie_word_embeddings: bool | None = None, **over) -> "LlamaConfig":
+        heads = t["num_attention_heads"]
+        rope_params = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        mrope = rope_params.get("mrope_section")
+        kw = dict(
+            vocab_size=t["vocab_size"],
+            hidden_size=t["hidden_size"],
+            intermediate_size=t["intermediate_size"],
+            num_layers=t["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=t.get("num_key_value_heads") or heads,
+            head_dim=t.get("head_dim") or t["hidden_size"] // heads,
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            rope=RopeConfig.from_hf(t),
+            max_position_embeddings=t.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(
+                t.get("tie_word_embeddings", False) if tie_word_embeddings is None else tie_word_embeddings
+            ),
+            qkv_bias=bool(t.get("attention_bias", False)),
+            o_bias=bool(t.get("attention_bias", False)),
+            mlp_bias=bool(t.get("mlp_bias", False)),
+            mrope_section=tuple(mrope) if mrope else None,
+        )
+        if t.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"llama decoder: hidden_act {t.get('hidden_act')!r} is not supported (silu)")
+        kw.update(over)
+        return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipVisionConfig(ConfigBase):
+    """CLIP ViT: conv patch stem, class token, learned positions, pre-LN blocks."""
+
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    attention_impl: str = "auto"
+
+    @classmethod
+    def from_hf(cls, v: dict) -> "ClipVisionConfig":
+        return cls(
+            hidden_size=v["hidden_size"],
+            intermediate_size=v["intermediate_size"],
+            num_layers=v["num_hidden_layers"],
+            num_heads=v["num_attention_heads"],
+            image_size=v["image_size"],
+            patch_size=v["patch_size"],
+            num_channels=v.get("num_channels", 3),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+            hidden_act=v.get("hidden_act", "quick_gelu"),
+        )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def hf_get(d: dict, key: str, default: Any = None) -> Any:
+    return d[key] if key in d and d[key] is not None else default

@@ -1,0 +1,63 @@
+"""Multi-head / grouped-query self-attention with an optional KV cache.
+
+Axis legend: B batch, T query tokens, S key/value tokens (cache length), D model dim,
+N query heads, K kv heads, H head dim. Projection kernels are stored per head
+(q: [D, N, H], o: [N, H, D]) so converter rules and sharding rules can name heads.
+
+The kernel itself is chosen in exactly one place: mmjax.kernels.attention.attention.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.kernels.attention import MaskSpec, attention
+from mmjax.layers.linear import Einsum
+from mmjax.layers.rope import apply_rope
+
+__all__ = ["Attention", "write_cache"]
+
+
+def write_cache(cache, new, index):
+    """cache [B, S, K, H] <- new [B, T, K, H] at per-row offsets index [B] (in place when donated)."""
+    def one(c, n, i):
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0))
+
+    return jax.vmap(one)(cache, new, index)
+
+
+class Attention(nn.Module):
+    hidden_size: int  # D
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    qkv_bias: bool = False
+    o_bias: bool = False
+    impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    # Separate layouts: fused qkv checkpoints are split by the converter, not here.
+
+    @nn.compact
+    def __call__(self, x, mask: MaskSpec, rope=None, cache=None, write_index=None):
+        """x [B, T, D]; rope = (cos, sin) [B, T, R] or None; cache = {"k","v": [B, S, K, H]} or None.
+
+        Without a cache, attends over this call's own T keys and returns (y, {"k","v"}: [B, T, K, H]).
+        With one, writes this call's keys at write_index [B] and attends over the cache.
+        """
+        D, N, K, H = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        q = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H) if self.qkv_bias else None, self.dtype, name="q")(x)
+        k = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="k")(x)
+        v = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="v")(x)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            new_cache = {"k": k, "v": v}
+            keys, values = k, v
+        else:
+            new_cache = {"k": write_cache(cache["k"], k, write_index), "v": write_cache(cache["v"], v, write_index)}
+            keys, values = new_cache["k"], new_cache["v"]
+        out = attention(q, keys, values, mask, impl=self.impl)  # [B, T, N, H]
+        y = Einsum((N, H, D), "BTNH,NHD->BTD", (D,) if self.o_bias else None, self.dtype, name="o")(out)
+        return y, new_cache

@@ -1,0 +1,43 @@
+"""The protocol every generatable model implements, and helpers the families share.
+
+A VLM module (flax.linen) provides:
+  embed(batch) -> (x [B, T, D], positions [B, T] | [3, B, T], pos_offset [B])
+      fuse images and text into decoder input embeddings. pos_offset is what decode adds to a
+      token's cache index to get its rope position (0 for plain RoPE; M-RoPE's rope delta).
+  embed_tokens(ids [B, T]) -> [B, T, D]      text-only embeddings (what decode steps feed)
+  decode(x, positions, mask, cache=None, write_index=None) -> (hidden [B, T, D], cache)
+      the decoder stack; cache is a list of per-layer {"k","v": [B, S, K, H]}.
+  logits(hidden) -> [B, T, V] float32
+  __call__(batch) -> logits [B, T, V]   (embed + decode without cache; init and parity)
+  example_batch() -> dict of small numpy arrays for init / eval_shape
+  cache_shape() -> (num_layers, K, H)
+Generation (mmjax.generation) needs nothing else, so a custom model gets prefill/decode,
+bucketing, sharding and mmjax.generate by implementing these.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.tree import flatten_params
+
+__all__ = ["param_shapes", "merge_at_tokens"]
+
+
+def param_shapes(module) -> dict:
+    """{"a/b/kernel": ShapeDtypeStruct} of the module's params, allocating nothing."""
+    batch = module.example_batch()
+    tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), batch))
+    return flatten_params(tree["params"])
+
+
+def merge_at_tokens(text_embeds, features, token_mask):
+    """Place features [M, D] (row-major over images) at the True positions of token_mask [B, T].
+
+    Equivalent to HF's masked_scatter: the k-th marked token (row-major) gets feature k.
+    Extra (padded) features are never read; the host checks the counts match beforehand."""
+    B, T, D = text_embeds.shape
+    flat_mask = token_mask.reshape(-1)
+    idx = jnp.clip(jnp.cumsum(flat_mask.astype(jnp.int32)) - 1, 0, features.shape[0] - 1)
+    gathered = jnp.take(features.astype(text_embeds.dtype), idx, axis=0).reshape(B, T, D)
+    return jnp.where(token_mask[..., None], gathered, text_embeds)
