@@ -74,9 +74,14 @@ def _read_json(path: str, what: str) -> dict:
     return d
 
 
-def load(path: str, *, mesh=None, buckets: Buckets | None = None) -> Model:
-    """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files."""
-    from mmjax import checkpoint
+def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache: bool | None = None) -> Model:
+    """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files.
+
+    compile_cache: JAX's persistent compilation cache (default on; MMJAX_COMPILE_CACHE=0 turns it off)."""
+    from mmjax import checkpoint, compile_cache as cc
+
+    if compile_cache if compile_cache is not None else cc.enabled_by_env():
+        cc.enable()
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -89,7 +94,8 @@ def load(path: str, *, mesh=None, buckets: Buckets | None = None) -> Model:
         raise LoadError(f"{path}/mmjax_config.json: missing key {e}") from None
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}/mmjax_config.json: config does not fit {family.name}: {e}") from None
-    stored = checkpoint.param_shapes(os.path.join(path, "params"))
+    stored_tree = checkpoint.param_shapes(os.path.join(path, "params"))
+    stored = flatten_params(stored_tree)
     dtypes = {np.dtype(s.dtype) for s in stored.values() if jnp.issubdtype(s.dtype, jnp.floating)}
     dtype = jnp.bfloat16 if np.dtype(jnp.bfloat16) in dtypes else jnp.float32
     module = family.build(cfg, dtype)
@@ -100,9 +106,10 @@ def load(path: str, *, mesh=None, buckets: Buckets | None = None) -> Model:
                  for k in sorted(set(want) & set(stored)) if tuple(want[k].shape) != tuple(stored[k].shape)]
     if problems:
         raise LoadError(f"{path}: params do not match mmjax_config.json:\n  " + "\n  ".join(problems))
-    target = None
+    target = stored_tree  # restored straight onto the (first) device
     if mesh is not None:
-        from mmjax.sharding import param_shardings  # issue: many devices
+        from mmjax.sharding import param_shardings
+
         target = param_shardings(family, cfg, mesh, stored)
     params = checkpoint.restore_params(os.path.join(path, "params"), target)
     processor = family.processor(path, cfg) if family.processor is not None else None

@@ -10,6 +10,7 @@ A VLM module (flax.linen) provides:
   logits(hidden) -> [B, T, V] float32
   __call__(batch) -> logits [B, T, V]   (embed + decode without cache; init and parity)
   example_batch() -> dict of small numpy arrays for init / eval_shape
+  param_shapes() -> {"a/b/kernel": ShapeDtypeStruct} (usually `return param_shapes(self)`)
   cache_shape() -> (num_layers, K, H)
 Generation (mmjax.generation) needs nothing else, so a custom model gets prefill/decode,
 bucketing, sharding and mmjax.generate by implementing these.

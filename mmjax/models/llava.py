@@ -16,7 +16,7 @@ from mmjax.config import ClipVisionConfig, ConfigBase, LlamaConfig
 from mmjax.decoders.llama import LlamaDecoder
 from mmjax.errors import InputError
 from mmjax.kernels.attention import MaskSpec
-from mmjax.models.base import merge_at_tokens
+from mmjax.models.base import merge_at_tokens, param_shapes
 from mmjax.projectors.mlp import MLPProjector
 from mmjax.registry import Family, register
 from mmjax.vision.clip import ClipVision
@@ -132,6 +132,9 @@ class Llava(nn.Module):
         ids[0, 1:n + 1] = c.image_token_id
         px = np.zeros((1, c.vision.num_channels, c.vision.image_size, c.vision.image_size), np.float32)
         return {"input_ids": ids, "pixel_values": px}
+
+    def param_shapes(self):
+        return param_shapes(self)
 
     def cache_shape(self):
         t = self.cfg.text
