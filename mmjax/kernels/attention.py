@@ -1,0 +1,117 @@
+"""The one place that chooses how attention is computed.
+
+Axis legend: B batch, T query length, S key/value length, N query heads, K kv heads,
+G = N // K query heads per kv head, H head dim.
+
+`attention(q, k, v, mask, impl=...)` takes the model's layouts (q [B, T, N, H], k/v
+[B, S, K, H]) and a MaskSpec, and runs one of:
+  * "xla":    einsum softmax below; what CPU runs, exact against HF eager attention.
+  * "pallas": the Pallas kernels: decode_attention for a single query token (T == 1,
+              no segments), flash_attention otherwise. On CPU they run in interpret mode
+              (slow; for tests only).
+  * "auto":   the entry of AUTO_IMPL for the default backend.
+`impl` is an explicit argument threaded from the model config: there is no global default.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mmjax.errors import InputError
+from mmjax.kernels.decode_attention import decode_attention
+from mmjax.kernels.flash_attention import NEG_INF, MaskSpec, check_qkv, flash_attention, make_mask
+
+__all__ = ["AUTO_IMPL", "Impl", "MaskSpec", "attention", "decode_range", "make_mask", "resolve_impl", "xla_attention"]
+
+Impl = Literal["auto", "xla", "pallas"]
+
+# The kernels are written for the Triton lowering and checked in interpret mode; TPU gets
+# the XLA path until they are shown to lower through Mosaic TPU there.
+AUTO_IMPL = {"cpu": "xla", "gpu": "pallas", "cuda": "pallas", "rocm": "pallas", "tpu": "xla"}
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """"auto" -> the AUTO_IMPL entry for `backend` (default: jax.default_backend())."""
+    if impl == "auto":
+        return AUTO_IMPL.get(backend or jax.default_backend(), "xla")
+    if impl not in ("xla", "pallas"):
+        raise InputError(f"attention: impl={impl!r} is not one of 'auto', 'xla', 'pallas'")
+    return impl
+
+
+def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
+    """Einsum attention with the mask built from MaskSpec; softmax in float32.
+
+    Numerics follow HF eager attention: logits = (q . k) * scale, masked, softmax in
+    float32, probabilities cast to v's dtype for the second product. Masked logits are
+    -inf (not dtype-min) and a row with no visible key gives 0 instead of HF's uniform
+    average, so padded rows stay 0 and never NaN.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    # Pin f32 matmuls to full precision (GPUs would otherwise use TF32 for them).
+    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    qg = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, precision=prec, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    if mask.is_trivial:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        ok = make_mask(mask, q_len, kv_len)[:, :, None]  # [B|1, 1, 1, T, S]
+        logits = jnp.where(ok, logits, NEG_INF)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - jax.lax.stop_gradient(jnp.where(m == NEG_INF, 0.0, m)))
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        probs = e / jnp.where(total == 0.0, 1.0, total)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, precision=prec,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype)
+
+
+def decode_range(mask: MaskSpec, batch: int, kv_len: int):
+    """For a single query (T == 1) every MaskSpec without segments is an interval of keys:
+    returns (start [B], end [B]) int32 with visible keys start <= s < end."""
+    zeros = jnp.zeros((batch,), jnp.int32)
+    rows = lambda x, default: default if x is None else jnp.asarray(x, jnp.int32)
+    pos = rows(mask.q_offset, zeros)
+    end = rows(mask.kv_lengths, zeros + kv_len)
+    start = zeros
+    window = mask.sliding_window
+    if mask.causal:
+        c_end, c_start = pos + 1, (zeros if window is None else pos - window + 1)
+        if mask.prefix_lengths is not None:  # inside the prefix: the whole prefix
+            prefix = jnp.asarray(mask.prefix_lengths, jnp.int32)
+            inside = pos < prefix
+            c_end, c_start = jnp.where(inside, prefix, c_end), jnp.where(inside, 0, c_start)
+        end, start = jnp.minimum(end, c_end), c_start
+    elif window is not None:
+        end, start = jnp.minimum(end, pos + window), pos - window + 1
+    return jnp.clip(start, 0, kv_len), jnp.clip(end, 0, kv_len)
+
+
+def attention(
+    q: jax.Array,  # [B, T, N, H]
+    k: jax.Array,  # [B, S, K, H]
+    v: jax.Array,  # [B, S, K, H]
+    mask: MaskSpec,
+    *,
+    impl: Impl = "auto",
+    scale: float | None = None,
+) -> jax.Array:  # [B, T, N, H] in q's dtype
+    check_qkv(q, k, v)
+    batch, q_len, _, _ = q.shape
+    kv_len = k.shape[1]
+    mask.check(batch, q_len, kv_len)
+    backend = jax.default_backend()
+    if resolve_impl(impl, backend) == "xla":
+        return xla_attention(q, k, v, mask, scale)
+    interpret = backend == "cpu"
+    if q_len == 1 and mask.q_segment_ids is None:
+        start, end = decode_range(mask, batch, kv_len)
+        return decode_attention(q, k, v, end, kv_starts=start, scale=scale, interpret=interpret)
+    return flash_attention(q, k, v, mask=mask, scale=scale, interpret=interpret)

@@ -1,0 +1,238 @@
+"""Attention kernels against their references.
+
+The Pallas kernels run with interpret=True on CPU, so every case is tiny (T, S <= 96,
+B <= 2, N <= 4) and block sizes are 16/32 so that several key/query blocks, partial last
+blocks and skipped blocks all occur. Tolerances (max |kernel - reference|):
+float32 1e-5, bfloat16 2e-2; the XLA path against HF eager attention: 1e-6 (float32).
+"""
+import math
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.errors import InputError
+from mmjax.kernels import attention as attention_module
+from mmjax.kernels.attention import decode_range, resolve_impl, xla_attention
+from mmjax.kernels.decode_attention import decode_attention, decode_attention_reference
+from mmjax.kernels.flash_attention import BlockSizes, MaskSpec, attention_reference, flash_attention
+
+# Models call attention() under their own jit; so do the tests (eager op-by-op is slow).
+attention = jax.jit(attention_module.attention, static_argnames=("impl", "scale"))
+make_mask = jax.jit(attention_module.make_mask, static_argnums=(1, 2))
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+SMALL = BlockSizes(block_q=16, block_k=32)
+
+
+def qkv(batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, dtype=jnp.float32, seed=0):
+    # numpy, not jax.random: an eager jax.random call compiles once per shape.
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, q_len, num_heads, head_dim), np.float32)
+    k, v = rng.standard_normal((2, batch, kv_len, num_kv_heads, head_dim), np.float32)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def max_err(a, b):
+    return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+
+
+def windows(batch, length, sizes, pad):
+    """Segment ids [B, length]: consecutive windows of the given sizes, then `pad` x -1."""
+    row = np.concatenate([np.full(n, i) for i, n in enumerate(sizes)] + [np.full(pad, -1)])
+    assert row.size == length
+    return jnp.asarray(np.stack([row, row[::-1].copy()])[:batch], jnp.int32)
+
+
+# name -> (T, S, mask factory(B, T, S)); lengths are deliberately not block multiples.
+MASKS = {
+    "causal": (40, 40, lambda B, T, S: MaskSpec(causal=True)),
+    "causal_offset": (24, 72, lambda B, T, S: MaskSpec(causal=True, q_offset=jnp.array([48, 20][:B]))),
+    "prefix_lm": (48, 48, lambda B, T, S: MaskSpec(causal=True, prefix_lengths=jnp.array([20, 5][:B]))),
+    "sliding_window": (70, 70, lambda B, T, S: MaskSpec(causal=True, sliding_window=19)),
+    "bidirectional": (33, 50, lambda B, T, S: MaskSpec(causal=False)),
+    "bidir_window": (50, 50, lambda B, T, S: MaskSpec(causal=False, sliding_window=7)),
+    "key_padding": (40, 56, lambda B, T, S: MaskSpec(causal=False, kv_lengths=jnp.array([56, 23][:B]))),
+    "segments": (60, 60, lambda B, T, S: MaskSpec(causal=False, q_segment_ids=windows(B, 60, [16, 9, 23], 12))),
+    "everything": (40, 96, lambda B, T, S: MaskSpec(
+        causal=True, q_offset=jnp.array([50, 10][:B]), kv_lengths=jnp.array([90, 45][:B]),
+        prefix_lengths=jnp.array([30, 20][:B]), sliding_window=25,
+        q_segment_ids=jnp.zeros((B, T), jnp.int32).at[:, -3:].set(-1),
+        kv_segment_ids=jnp.zeros((B, S), jnp.int32).at[:, 60:70].set(3))),
+}
+
+# (mask, GQA ratio G, head dim): each mask once, G in {1, 2, 4} and H in {64, 80, 128} all covered.
+FLASH_CASES = [
+    ("causal", 1, 64), ("causal_offset", 2, 80), ("prefix_lm", 4, 128), ("sliding_window", 2, 64),
+    ("bidirectional", 1, 80), ("bidir_window", 4, 64), ("key_padding", 4, 80), ("segments", 2, 80),
+    ("everything", 2, 64),
+]
+
+
+@pytest.mark.parametrize("name,groups,head_dim", FLASH_CASES)
+def test_flash_matches_reference_fp32(name, groups, head_dim):
+    T, S, factory = MASKS[name]
+    q, k, v = qkv(2, T, S, 2 * groups, 2, head_dim)
+    mask = factory(2, T, S)
+    out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=True)
+    ref = attention_reference(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert max_err(out, ref) <= TOL[jnp.float32]
+
+
+@pytest.mark.parametrize("name,groups,head_dim", [("causal_offset", 4, 128), ("segments", 2, 64)])
+def test_flash_matches_reference_bf16(name, groups, head_dim):
+    T, S, factory = MASKS[name]
+    q, k, v = qkv(2, T, S, 2 * groups, 2, head_dim, jnp.bfloat16, seed=1)
+    mask = factory(2, T, S)
+    out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.bfloat16]
+
+
+def test_flash_default_blocks_and_scale():
+    q, k, v = qkv(1, 90, 90, 2, 1, 64, seed=2)
+    mask = MaskSpec(causal=True, sliding_window=30)
+    out = flash_attention(q, k, v, mask=mask, scale=0.3, interpret=True)
+    assert max_err(out, attention_reference(q, k, v, mask, scale=0.3)) <= TOL[jnp.float32]
+
+
+def test_flash_fully_masked_rows_are_zero():
+    # Row 0: the last 8 queries are padding (segment -1). Row 1: no key at all (kv_length 0).
+    q, k, v = qkv(2, 40, 40, 2, 2, 64, seed=3)
+    seg = jnp.zeros((2, 40), jnp.int32).at[0, 32:].set(-1)
+    mask = MaskSpec(causal=False, kv_lengths=jnp.array([40, 0]), q_segment_ids=seg)
+    out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=True)
+    assert not bool(jnp.isnan(out).any())
+    assert float(jnp.abs(out[0, 32:]).max()) == 0.0 and float(jnp.abs(out[1]).max()) == 0.0
+    assert float(jnp.abs(out[0, :32]).max()) > 0.1
+    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
+    assert max_err(xla_attention(q, k, v, mask), out) <= TOL[jnp.float32]
+
+
+# (B, T, S, G, H, kv_lengths, kv_starts, block_k, splits, dtype)
+DECODE_CASES = [
+    (2, 1, 70, 1, 64, [70, 33], None, 16, 3, jnp.float32),  # S and a length not block multiples
+    (2, 1, 60, 2, 80, [0, 17], [0, 5], 16, 2, jnp.float32),  # empty row; window start; H and S tails
+    (1, 3, 96, 4, 128, [61], None, 32, 2, jnp.float32),  # a few queries, G = 4
+    (2, 1, 80, 2, 64, [80, 41], None, 16, 4, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("B,T,S,G,H,lengths,starts,block_k,splits,dtype", DECODE_CASES)
+def test_decode_matches_reference(B, T, S, G, H, lengths, starts, block_k, splits, dtype):
+    q, k, v = qkv(B, T, S, 2 * G, 2, H, dtype, seed=4)
+    lengths = jnp.array(lengths, jnp.int32)
+    starts = None if starts is None else jnp.array(starts, jnp.int32)
+    out = decode_attention(q, k, v, lengths, kv_starts=starts, block_k=block_k, num_splits=splits, interpret=True)
+    ref = decode_attention_reference(q, k, v, lengths, kv_starts=starts)
+    assert out.shape == q.shape and out.dtype == dtype and not bool(jnp.isnan(out).any())
+    assert max_err(out, ref) <= TOL[dtype]
+    for b, n in enumerate(lengths.tolist()):
+        if n == 0:
+            assert float(jnp.abs(out[b]).max()) == 0.0
+
+
+@pytest.mark.parametrize("mask", [
+    MaskSpec(causal=True, q_offset=jnp.array([37, 5]), kv_lengths=jnp.array([38, 6])),
+    MaskSpec(causal=True, q_offset=jnp.array([50, 9]), prefix_lengths=jnp.array([20, 30]), sliding_window=16),
+    MaskSpec(causal=False, q_offset=jnp.array([30, 2]), sliding_window=8),
+], ids=["cache", "prefix_window", "bidir_window"])
+def test_pallas_dispatch_single_query(mask):
+    """attention(impl="pallas") with T == 1 goes through decode_range + decode_attention."""
+    q, k, v = qkv(2, 1, 64, 4, 2, 64, seed=5)
+    out = attention(q, k, v, mask, impl="pallas")
+    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
+
+
+def test_pallas_dispatch_prefill():
+    q, k, v = qkv(1, 20, 20, 4, 2, 64, seed=6)
+    mask = MaskSpec(causal=True, kv_lengths=jnp.array([17]))
+    out = attention(q, k, v, mask, impl="pallas")
+    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_path_matches_reference(name, dtype):
+    T, S, factory = MASKS[name]
+    q, k, v = qkv(2, T, S, 4, 2, 64, dtype, seed=7)
+    mask = factory(2, T, S)
+    out = attention(q, k, v, mask, impl="xla")
+    assert out.dtype == dtype
+    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[dtype]
+
+
+def test_xla_path_matches_hf_eager():
+    torch = pytest.importorskip("torch")
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    B, T, S, N, K, H = 2, 12, 20, 4, 2, 32
+    q, k, v = qkv(B, T, S, N, K, H, seed=8)
+    mask = MaskSpec(causal=True, q_offset=jnp.array([8, 3]), kv_lengths=jnp.array([20, 15]))
+    ok = np.asarray(make_mask(mask, T, S))  # [B, 1, T, S]; every row sees >= 1 key
+    additive = torch.from_numpy(np.where(ok, 0.0, np.finfo(np.float32).min).astype(np.float32))
+    to_t = lambda x: torch.from_numpy(np.asarray(x)).transpose(1, 2)  # [B, heads, len, H]
+    module = SimpleNamespace(num_key_value_groups=N // K, training=False)
+    hf, _ = eager_attention_forward(module, to_t(q), to_t(k), to_t(v), additive, scaling=1 / math.sqrt(H))
+    ours = attention(q, k, v, mask, impl="xla")
+    assert np.max(np.abs(np.asarray(ours) - hf.numpy())) <= 1e-6
+
+
+def test_make_mask_by_hand():
+    T, S = 3, 5
+    causal = make_mask(MaskSpec(causal=True, q_offset=jnp.array([2])), T, S)
+    np.testing.assert_array_equal(causal[0, 0], np.array(
+        [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], bool))
+    window = make_mask(MaskSpec(causal=True, q_offset=jnp.array([2]), sliding_window=2), T, S)
+    np.testing.assert_array_equal(window[0, 0], np.array(
+        [[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], bool))
+    prefix = make_mask(MaskSpec(causal=True, prefix_lengths=jnp.array([2]), kv_lengths=jnp.array([4])), 4, S)
+    np.testing.assert_array_equal(prefix[0, 0], np.array(
+        [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], bool))
+    bidir = make_mask(MaskSpec(causal=False, q_offset=jnp.array([1]), sliding_window=2), T, S)
+    np.testing.assert_array_equal(bidir[0, 0], np.array(
+        [[1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], bool))
+    seg = jnp.array([[0, 0, 1, -1]])
+    segments = make_mask(MaskSpec(causal=False, q_segment_ids=seg), 4, 4)
+    np.testing.assert_array_equal(segments[0, 0], np.array(
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool))
+    assert make_mask(MaskSpec(causal=False), T, S).shape == (1, 1, T, S)
+
+
+def test_decode_range_matches_make_mask():
+    masks = [
+        MaskSpec(causal=True, q_offset=jnp.array([3, 9]), kv_lengths=jnp.array([4, 7]), sliding_window=3),
+        MaskSpec(causal=True, q_offset=jnp.array([2, 9]), prefix_lengths=jnp.array([6, 4]), sliding_window=2),
+        MaskSpec(causal=False, q_offset=jnp.array([0, 8]), sliding_window=4),
+    ]
+    for mask in masks:
+        start, end = decode_range(mask, 2, 10)
+        kpos = np.arange(10)
+        want = (kpos >= np.asarray(start)[:, None]) & (kpos < np.asarray(end)[:, None])
+        np.testing.assert_array_equal(np.asarray(make_mask(mask, 1, 10))[:, 0, 0], want)
+
+
+def test_mask_spec_is_a_pytree_with_static_flags():
+    mask = MaskSpec(causal=True, kv_lengths=jnp.array([3]), sliding_window=4)
+    leaves, treedef = jax.tree_util.tree_flatten(mask)
+    assert len(leaves) == 1
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert again.causal and again.sliding_window == 4 and again.bidirectional is False
+
+
+def test_errors_name_the_thing():
+    q, k, v = qkv(1, 8, 8, 3, 2, 64)
+    with pytest.raises(InputError, match="num_heads=3 must be a multiple of num_kv_heads=2"):
+        attention(q, k, v, MaskSpec(), impl="xla")
+    q, k, v = qkv(1, 8, 8, 2, 2, 64)
+    with pytest.raises(InputError, match="head_dim=32 of q"):
+        flash_attention(q[..., :32], k, v, mask=MaskSpec(), interpret=True)
+    with pytest.raises(InputError, match=r"MaskSpec.kv_lengths: expected shape \(1,\)"):
+        flash_attention(q, k, v, mask=MaskSpec(kv_lengths=jnp.array([1, 2])), interpret=True)
+    with pytest.raises(InputError, match="block_q=24 must be a power of two"):
+        BlockSizes(block_q=24)
+    with pytest.raises(InputError, match="impl='triton'"):
+        resolve_impl("triton")
+    assert resolve_impl("auto", "cpu") == "xla" and resolve_impl("auto", "gpu") == "pallas"
