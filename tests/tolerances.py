@@ -8,7 +8,10 @@ by a few bf16 ulps. Greedy tokens are compared on the fp32 upcast of the same bf
 
 TOLERANCES = {
     "float32": {"logits": 1e-4, "vision_features": 1e-5, "pixel_values": 1e-5, "hidden": 1e-4},
-    "bfloat16": {"logits": 1.5e-1, "vision_features": 6e-2, "pixel_values": 1e-5, "hidden": 1e-1},
+    # Measured on tiny LLaVA, 3 seeds: logits max |Δ| 0.042-0.055 at |logit| <= 3.4 (bf16 ulp there
+    # is 0.0156: ~3.5 ulps); vision features 0.0059-0.0078 at |x| <= 1.09 (1 ulp). The bounds
+    # leave ~2x headroom: 0.1 is 6 ulps of a logit of 3.
+    "bfloat16": {"logits": 1e-1, "vision_features": 2e-2, "pixel_values": 1e-5, "hidden": 1e-1},
 }
 
 

@@ -1,9 +1,10 @@
 """LLaVA checkpoint layout -> mmjax.models.llava param tree.
 
-Three key layouts are accepted (each source tensor matches exactly one of them):
+Four key layouts are accepted (each source tensor matches exactly one of them):
   hub (llava-hf/*):      vision_tower.vision_model.*, multi_modal_projector.*, language_model.model.*, language_model.lm_head
   transformers 5:        vision_tower.*,              multi_modal_projector.*, language_model.model.*, language_model.lm_head
   transformers 4.5x:     model.vision_tower.vision_model.*, model.multi_modal_projector.*, model.language_model.*, lm_head
+  transformers 5 state_dict() (what torch.save of the live model writes): model.vision_tower.*, ... as 4.5x
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def llama_rules(p: str, head: str | None, dst: str, cfg) -> list[Rule]:
 
 
 # Each layout's prefixes; the layouts share some, so each list holds distinct prefixes only.
-_VISION = ("vision_tower.vision_model", "vision_tower", "model.vision_tower.vision_model")
+_VISION = ("vision_tower.vision_model", "vision_tower", "model.vision_tower.vision_model", "model.vision_tower")
 _PROJECTOR = ("multi_modal_projector", "model.multi_modal_projector")
 _DECODER = (("language_model.model", "language_model.lm_head"), ("model.language_model", "lm_head"))
 

@@ -63,10 +63,14 @@ def save_tiny_llava(folder: str | os.PathLike, config=None, *, dtype="float32", 
         model = model.to(getattr(torch, dtype))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    kw = {"safe_serialization": safe_serialization} if not safe_serialization else {}
-    if max_shard_size is not None:
-        kw["max_shard_size"] = max_shard_size
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(folder), **kw)
+    if not safe_serialization:
+        # transformers 5 writes only safetensors; older checkpoints ship pytorch_model.bin,
+        # which is exactly torch.save of the state dict.
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        for f in folder.glob("model*.safetensors*"):
+            f.unlink()
     tok = build_tiny_tokenizer(vocab_size or min(config.text_config.vocab_size, 512), LLAVA_SPECIALS)
     assert tok.token_to_id("<image>") == config.image_token_index
     hf_tok = save_hf_tokenizer(tok, folder, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
