@@ -215,6 +215,8 @@ def test_clip_matches_hf(config, rng):
         want, got = _hf_pixels(hf, image), ours(image)
         assert got.dtype == np.float32 and got.shape == want.shape, (h, w, got.shape, want.shape)
         assert np.abs(got - want).max() <= PIXEL_TOL, (h, w)
+        if not config:  # measured: bit-identical (same PIL resize, same float64->float32 steps)
+            np.testing.assert_array_equal(got, want)
 
 
 def test_clip_batch_and_saved_configs(rng, tmp_path):
@@ -279,6 +281,8 @@ def test_qwen2vl_matches_hf(config, rng):
     assert pixels.dtype == np.float32 and pixels.shape == want["pixel_values"].shape
     assert pixels.shape[1] == ours.patch_dim
     assert np.abs(pixels - want["pixel_values"]).max() <= PIXEL_TOL
+    if not config:  # measured: bit-identical
+        np.testing.assert_array_equal(pixels, want["pixel_values"])
     np.testing.assert_array_equal(grid, want["image_grid_thw"])
     assert grid.dtype == np.int64
     for (h, w), row in zip(QWEN_SIZES, grid):

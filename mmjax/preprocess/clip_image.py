@@ -73,7 +73,10 @@ def parse_size(value: Any, name: str, default_to_square: bool) -> Size:
         unknown = set(value) - known
         if unknown:
             raise LoadError(f"{name}: unsupported keys {sorted(unknown)} (supported: {sorted(known)})")
-        size = Size(**{k: int(v) for k, v in value.items() if v is not None})
+        try:
+            size = Size(**{k: int(v) for k, v in value.items() if v is not None})
+        except (TypeError, ValueError) as e:
+            raise LoadError(f"{name}: values must be integers, got {value!r}") from e
         if not (size.shortest_edge or (size.height and size.width)):
             raise LoadError(f"{name}: needs 'shortest_edge' or both 'height' and 'width', got {value!r}")
         return size

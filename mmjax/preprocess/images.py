@@ -15,8 +15,10 @@ match HF's processors bit for bit:
   PIL's naive CMYK->RGB, and 16-/32-bit integer and float modes (I;16, I, F) are CLIPPED to
   0..255, not rescaled: a 16-bit image whose values exceed 255 comes out saturated. That is what
   HF does too; rescale such an image to 8 bits yourself before passing it in if that matters.
-- a uint8 numpy array: HW or HWC with C=1 is replicated to 3 channels, C=4 is composited onto white
-  with HF's numpy formula (round(a*rgb + (1-a)*255)), C=3 is used as is.
+- a uint8 numpy array is always read as [H, W] or [H, W, C] (HF guesses the layout and can take a
+  3-row image for channels-first; HF also rejects 2-D arrays, which we read as grey): C=1 and 2-D
+  are replicated to 3 channels, C=4 is composited onto white with HF's numpy formula
+  (round(a*rgb + (1-a)*255)), C=3 is used as is.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `build_tiny_tokenizer` trains a byte-level BPE (GPT-2 / Qwen style: any text encodes, nothing is
 <unk>) on a short built-in English text, so the ids a tiny random model samples decode to word
-pieces rather than noise. No network, no files, no transformers: training takes ~50 ms and is
+pieces rather than noise. No network, no files, no transformers: training takes ~10 ms and is
 deterministic, so two calls give the same vocabulary.
 
 Two writers turn it into a folder that `mmjax.preprocess.tokenizer.Tokenizer.from_folder` (and HF's
