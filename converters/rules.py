@@ -85,7 +85,8 @@ class Rule:
 
     @property
     def multi(self) -> bool:
-        return isinstance(self.target, tuple)
+        """Several targets: the transform returns a tuple, one array per target."""
+        return self.target is not None and not isinstance(self.target, str)
 
     @functools.cached_property
     def _patterns(self) -> tuple["_Pattern", ...]:
@@ -119,6 +120,7 @@ class _Pattern:
     regex: re.Pattern
     names: tuple[str, ...]  # distinct placeholder names, in order of appearance
     glob: bool
+    prefix: str  # literal text before the first placeholder: a cheap test before the regex
 
 
 def _compile(text: str) -> _Pattern:
@@ -137,7 +139,8 @@ def _compile(text: str) -> _Pattern:
     if any(c in "{}" for c in _TOKEN.sub("", text)):
         raise ValueError(f"pattern {text!r}: braces are only allowed as {{name}} placeholders")
     parts.append(re.escape(text[pos:]))
-    return _Pattern(text, re.compile("".join(parts)), tuple(names), glob)
+    first = _TOKEN.search(text)
+    return _Pattern(text, re.compile("".join(parts)), tuple(names), glob, text[:first.start()] if first else text)
 
 
 def _placeholders(text: str) -> tuple[str, ...]:
@@ -172,15 +175,24 @@ def _closest(name: str, shape, pool: Mapping[str, tuple], k: int = 3) -> tuple[s
     """The k pool entries closest to `name` by name (difflib) and, as a bonus, element count."""
     sm = difflib.SequenceMatcher(None, b=_norm(name), autojunk=False)  # b is preprocessed once
     numel = math.prod(shape) if shape is not None else None
-    scored = []
+
+    def bonus(cshape):
+        if numel is None or math.prod(cshape) != numel:
+            return 0.0
+        return 0.5 + (0.1 if sorted(cshape) == sorted(shape) else 0.0)
+
+    # quick_ratio bounds ratio from above and is cheap: rank by it, then score the best few exactly
+    rough = []
     for cand, cshape in pool.items():
         sm.set_seq1(_norm(cand))
-        score = sm.ratio()
-        if numel is not None and math.prod(cshape) == numel:
-            score += 0.5 + (0.1 if sorted(cshape) == sorted(shape) else 0.0)
-        scored.append((-score, cand))
-    scored.sort()
-    return tuple(f"{c} {tuple(pool[c])}" for _, c in scored[:k])
+        rough.append((-(sm.quick_ratio() + bonus(cshape)), cand))
+    rough.sort()
+    exact = []
+    for _, cand in rough[:8 * k]:
+        sm.set_seq1(_norm(cand))
+        exact.append((-(sm.ratio() + bonus(pool[cand])), cand))
+    exact.sort()
+    return tuple(f"{c} {tuple(pool[c])}" for _, c in exact[:k])
 
 
 def _raise(problems: list[Problem], n_src: int, n_tgt: int):
@@ -251,7 +263,8 @@ class Plan:
         lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip() for r in rows]
         lines.append(f"{len(self.steps)} steps: {self.num_sources} source tensors -> {len(self.targets)} "
                      f"parameters; {len(self.dropped)} dropped")
-        lines += [f"note: {r} matched no tensor" for r in self.unused_rules]
+        if self.unused_rules:  # alternative key layouts and optional tensors: normal, so just counted
+            lines.append(f"{len(self.unused_rules)} rules matched no tensor (see Plan.unused_rules)")
         return "\n".join(lines)
 
     def execute(self, reader, dtype=None, progress: Callable[[int], None] | None = None) -> dict:
@@ -320,12 +333,12 @@ def build_plan(sources: Mapping[str, tuple], rules: Sequence[Rule], targets: Map
     problems: list[Problem] = []
 
     # 1. every source tensor matches exactly one rule
+    index = _PatternIndex(rules)
     owner: dict[str, tuple[int, int, dict]] = {}
     unmatched: list[str] = []
     claimed: set[str] = set()
     for name in sources:
-        hits = [(ri, pi, m.groupdict()) for ri, r in enumerate(rules)
-                for pi, p in enumerate(r._patterns) if (m := p.regex.fullmatch(name))]
+        hits = index.matches(name)
         if not hits:
             unmatched.append(name)
         elif len(hits) > 1:
@@ -397,33 +410,51 @@ def build_plan(sources: Mapping[str, tuple], rules: Sequence[Rule], targets: Map
         problems.append(Problem("unfilled_target", t, f"{t} {tshape[t]}: no rule fills it", cands))
 
     # 4. every output shape, on shapes only
-    checked: dict[tuple, Any] = {}
-    for s in steps:
-        if not all(t in tshape for t in s.targets):
-            continue
-        inputs = tuple(_sds(sources[x]) if isinstance(x, str) else [_sds(sources[n]) for n in x] for x in s.inputs)
-        sig = tuple((x.shape, str(x.dtype)) if not isinstance(x, list) else tuple((a.shape, str(a.dtype)) for a in x)
-                    for x in inputs)
-        key = (id(s.rule), sig, s.target_shapes)  # layers repeat shapes: trace each kind once
-        if key not in checked:
-            checked[key] = _eval_shapes(s, inputs)
-        got = checked[key]
-        tname = transform_name(s.rule.transform)
-        if isinstance(got, str):
-            problems.append(Problem("transform_error", s.targets[0], f"{', '.join(s.targets)}: transform {tname} "
-                                    f"of {s.describe_sources(sources)} fails: {got}"))
-            continue
-        for t, want, g in zip(s.targets, s.target_shapes, got):
-            if g != want:
-                problems.append(Problem("shape_mismatch", t, f"{t}: expected shape {want}, transform {tname} of "
-                                        f"{s.describe_sources(sources)} gives {g}"))
-
+    problems += _check_shapes([s for s in steps if all(t in tshape for t in s.targets)], sources)
     if problems:
         _raise(problems, len(sources), len(tshape))
     order = {n: k for k, n in enumerate(sources)}  # read in checkpoint order: shards front to back
     steps.sort(key=lambda s: min(order[n] for n in s.names))
     unused = [r for ri, r in enumerate(rules) if ri not in used]
     return Plan(steps, dropped, unused, sources, targets)
+
+
+def _check_shapes(steps: list[Step], sources: Mapping[str, tuple]) -> list[Problem]:
+    problems, checked = [], {}
+    for s in steps:
+        inputs = tuple(_sds(sources[x]) if isinstance(x, str) else [_sds(sources[n]) for n in x] for x in s.inputs)
+        sig = tuple((x.shape, str(x.dtype)) if not isinstance(x, list) else tuple((a.shape, str(a.dtype)) for a in x)
+                    for x in inputs)
+        # layers repeat transforms and shapes: trace each combination once
+        key = (id(s.rule.transform), s.rule.multi, sig, s.target_shapes)
+        if key not in checked:
+            checked[key] = _eval_shapes(s, inputs)
+        got, tname, src = checked[key], transform_name(s.rule.transform), s.describe_sources(sources)
+        if isinstance(got, str):
+            problems.append(Problem("transform_error", s.targets[0],
+                                    f"{', '.join(s.targets)}: transform {tname} of {src} fails: {got}"))
+            continue
+        problems += [Problem("shape_mismatch", t, f"{t}: expected shape {want}, transform {tname} of {src} gives {g}")
+                     for t, want, g in zip(s.targets, s.target_shapes, got) if g != want]
+    return problems
+
+
+class _PatternIndex:
+    """Finds every (rule, pattern) matching a name without trying all of them: patterns are
+    bucketed by the whole dotted segments of their literal prefix ("a.b." of "a.b.c{i}"), and a
+    name only visits the buckets of its own dotted prefixes."""
+
+    def __init__(self, rules: Sequence[Rule]):
+        self.buckets: dict[str, list] = {}
+        for ri, r in enumerate(rules):
+            for pi, p in enumerate(r._patterns):
+                self.buckets.setdefault(p.prefix[:p.prefix.rfind(".") + 1], []).append((ri, pi, p))
+
+    def matches(self, name: str) -> list[tuple[int, int, dict]]:
+        keys = [""] + [name[:k + 1] for k, ch in enumerate(name) if ch == "."]
+        hits = [(ri, pi, m.groupdict()) for key in keys for ri, pi, p in self.buckets.get(key, ())
+                if name.startswith(p.prefix) and (m := p.regex.fullmatch(name))]
+        return sorted(hits, key=lambda h: h[:2])
 
 
 def _eval_shapes(step: Step, inputs) -> list[tuple] | str:

@@ -1,0 +1,255 @@
+"""Convert a PyTorch / HF checkpoint folder into an mmjax model folder.
+
+    python -m converters.torch2flax CKPT --out OUT [--dtype bfloat16] [--dry-run] [--overwrite]
+                                    [--model pkg.mod:FAMILY] [--rules my_rules.py] [--strict]
+
+Flow: CKPT/config.json -> family (--model, else registry.get(config["model_type"])) ->
+cfg = family.config_from_hf(config) -> target parameter shapes (model_param_shapes, nothing
+allocated) -> rules (family.rules(cfg), or RULES of a --rules file) -> build_plan (every tensor
+and every parameter checked before any data is read) -> execute, one source tensor at a time ->
+optional NaN/Inf check -> atomic write of OUT (converters.writer).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any, Sequence
+
+from converters.readers import nonfinite, open_checkpoint
+from converters.rules import Plan, Rule, build_plan, flatten, resolve_dtype
+from converters.writer import check_out, staged_output, write_model_folder
+from mmjax import registry
+from mmjax.errors import CheckpointError, ConversionError, MmjaxError
+
+__all__ = ["convert", "main", "model_param_shapes", "load_rules", "Summary"]
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class Summary:
+    family: str
+    tensors: int          # source tensors read
+    dropped: int          # source tensors dropped by rules
+    arrays: int           # parameter arrays written
+    parameters: int       # elements, all arrays together
+    bytes: int            # at the output dtype
+    seconds: float
+    out: str | None
+    dtype: str | None
+    dry_run: bool = False
+    table: str = ""
+    nonfinite: list = dataclasses.field(default_factory=list)  # [(target, n_nan, n_inf)]
+
+    def __str__(self) -> str:
+        return self.line()
+
+    def line(self) -> str:
+        verb = "would convert" if self.dry_run else "converted"
+        dest = "nothing written (dry run)" if self.dry_run else f"-> {self.out}"
+        return (f"{verb} {self.tensors} tensors ({self.dropped} dropped) into {self.arrays} arrays: "
+                f"{self.parameters:,} parameters, {self.bytes:,} bytes ({self.bytes / 2**20:.1f} MiB), "
+                f"{self.seconds:.1f} s; {dest}")
+
+
+def model_param_shapes(family: registry.Family, cfg: Any) -> dict:
+    """Flat {"a/b/kernel": jax.ShapeDtypeStruct} of the model's params, allocating nothing.
+
+    Contract with the model modules: the module returned by family.build(cfg) has a method
+    `param_shapes() -> dict` giving path -> jax.ShapeDtypeStruct (flat "/"-joined, or nested),
+    without a leading "params" level; typically
+    `jax.eval_shape(self.init, jax.random.key(0), *example_inputs)["params"]`, since only the
+    module knows what example inputs its init needs. flax metadata boxes (logical partitioning)
+    are unboxed here."""
+    import flax.linen as nn
+
+    module = family.build(cfg)
+    if not hasattr(module, "param_shapes"):
+        raise ConversionError(f"family {family.name!r}: its module {type(module).__name__} has no "
+                              "param_shapes() method, which the converter needs to learn the target shapes")
+    shapes = nn.meta.unbox(module.param_shapes())
+    if set(shapes) == {"params"}:
+        shapes = shapes["params"]
+    return flatten(shapes)
+
+
+def load_rules(spec, cfg: Any) -> list[Rule]:
+    """spec: a list of Rule, a callable cfg -> list, or the path of a python file whose `RULES`
+    is either of those."""
+    origin = "rules"
+    if isinstance(spec, (str, os.PathLike)):
+        origin = path = os.fspath(spec)
+        if not os.path.isfile(path):
+            raise ConversionError(f"{path}: no such rules file")
+        mod_spec = importlib.util.spec_from_file_location(f"_mmjax_rules_{abs(hash(path))}", path)
+        mod = importlib.util.module_from_spec(mod_spec)
+        try:
+            mod_spec.loader.exec_module(mod)
+        except Exception as e:
+            raise ConversionError(f"{path}: importing the rules file failed: {type(e).__name__}: {e}") from e
+        if not hasattr(mod, "RULES"):
+            raise ConversionError(f"{path}: defines no RULES (a list of converters.rules.Rule, "
+                                  "or a function config -> list)")
+        spec = mod.RULES
+    rules = spec(cfg) if callable(spec) else spec
+    if not isinstance(rules, (list, tuple)) or not all(isinstance(r, Rule) for r in rules):
+        raise ConversionError(f"{origin}: RULES must be a list of converters.rules.Rule")
+    return list(rules)
+
+
+def _read_config(ckpt: str) -> dict:
+    path = os.path.join(ckpt, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the converter needs the checkpoint's config.json") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(cfg).__name__}, expected an object")
+    return cfg
+
+
+def _family(model, hf_config: dict, ckpt: str) -> registry.Family:
+    if isinstance(model, registry.Family):
+        return model
+    if model:
+        return registry.resolve(model)
+    mt = hf_config.get("model_type")
+    if not isinstance(mt, str):
+        raise CheckpointError(f"{os.path.join(ckpt, 'config.json')}: has no \"model_type\"; name the family "
+                              "with --model pkg.module:FAMILY")
+    return registry.get(mt)
+
+
+def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, model=None, rules=None,
+            strict: bool = False, dry_run: bool = False, progress: bool = True) -> Summary:
+    """Convert checkpoint folder `ckpt` into mmjax folder `out`; returns a Summary.
+
+    model: "pkg.mod:FAMILY", a registered name, or a Family (default: config.json's model_type).
+    rules: list of Rule, callable cfg -> list, or a rules .py file (default: family.rules(cfg)).
+    dtype: "float32" / "bfloat16" for floating params (None keeps the checkpoint's dtypes).
+    strict: NaN/Inf in any converted parameter is an error (otherwise a warning).
+    dry_run: build and check the plan, fill Summary.table, write nothing."""
+    t0 = time.perf_counter()
+    ckpt = os.path.abspath(os.fspath(ckpt))
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"{ckpt}: not a checkpoint folder")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if out is None and not dry_run:
+        raise ConversionError("no output folder given (--out)")
+    out = os.path.abspath(os.fspath(out)) if out is not None else None
+    if out is not None and not dry_run:
+        check_out(out, ckpt, overwrite)  # fail before any slow work
+
+    hf_config = _read_config(ckpt)
+    family = _family(model, hf_config, ckpt)
+    try:
+        cfg = family.config_from_hf(hf_config)
+    except MmjaxError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{os.path.join(ckpt, 'config.json')}: family {family.name!r} cannot read it: "
+                              f"{type(e).__name__}: {e}") from e
+    targets = model_param_shapes(family, cfg)
+    rule_list = load_rules(rules, cfg) if rules is not None else load_rules(family.rules, cfg)
+
+    with open_checkpoint(ckpt) as reader:
+        plan = build_plan(reader.tensors(), rule_list, targets)
+        if dry_run:
+            return _summary(plan, family, out, dtype, t0, dry_run=True)
+        params = _execute(plan, reader, dtype, progress)
+
+    bad = nonfinite(flatten(params).items())
+    if bad:
+        lines = [f"{t} (from {', '.join(plan.origin[t][:2])}{', ...' if len(plan.origin[t]) > 2 else ''}): "
+                 f"{n} NaN, {i} Inf" for t, n, i in bad]
+        if strict:
+            raise CheckpointError(f"{ckpt}: non-finite values (--strict):\n  " + "\n  ".join(lines))
+        warnings.warn("non-finite values in converted parameters:\n  " + "\n  ".join(lines), stacklevel=2)
+
+    if isinstance(rules, (str, os.PathLike)):
+        rules_origin = os.path.abspath(os.fspath(rules))
+    else:
+        rules_origin = "custom" if rules is not None else f"family {family.name}"
+    source = {"path": ckpt, "format": reader.format, "files": [os.path.relpath(p, ckpt) for p in reader.paths],
+              "model_type": hf_config.get("model_type"), "rules": rules_origin}
+    # A custom family is found again at load time through the spec it was converted with.
+    spec = model if isinstance(model, str) and ":" in model else None
+    with staged_output(out, overwrite) as tmp:
+        write_model_folder(tmp, params, family.name, cfg, ckpt, source, dtype, family_spec=spec)
+    summary = _summary(plan, family, out, dtype, t0, params=params)
+    summary.nonfinite = bad
+    return summary
+
+
+def _execute(plan: Plan, reader, dtype, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    with tqdm(total=plan.num_sources, unit="tensor", desc="converting", disable=None if progress else True) as bar:
+        return plan.execute(reader, dtype=dtype, progress=bar.update)
+
+
+def _summary(plan: Plan, family, out, dtype, t0, params=None, dry_run=False) -> Summary:
+    if params is not None:
+        leaves = list(flatten(params).values())
+        n, nbytes = sum(a.size for a in leaves), sum(a.nbytes for a in leaves)
+    else:  # dry run: estimate at the output dtype (checkpoint dtype when dtype is None)
+        n = nbytes = 0
+        dt = resolve_dtype(dtype)
+        for s in plan.steps:
+            src_dt = resolve_dtype(plan.sources[s.names[0]][1])
+            item = (dt if dt is not None and src_dt.kind in "fV" else src_dt).itemsize
+            for shp in s.target_shapes:
+                k = math.prod(shp)
+                n, nbytes = n + k, nbytes + k * item
+    return Summary(family.name, plan.num_sources, len(plan.dropped), len(plan.targets), n, nbytes,
+                   time.perf_counter() - t0, out, dtype, dry_run, plan.table() if dry_run else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m converters.torch2flax",
+        description="Convert a PyTorch/HF checkpoint folder (safetensors, sharded safetensors, "
+                    "pytorch_model.bin loaded weights-only) into an mmjax model folder: an orbax "
+                    "params checkpoint, mmjax_config.json and the tokenizer/processor files.")
+    p.add_argument("ckpt", help="checkpoint folder with config.json and weights")
+    p.add_argument("--out", help="output folder (written atomically; required unless --dry-run)")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of floating parameters (default: as in the checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    p.add_argument("--dry-run", action="store_true", help="check every tensor and shape, print the mapping table, write nothing")
+    p.add_argument("--model", help="family to use: a registered name or pkg.module:FAMILY (default: config.json model_type)")
+    p.add_argument("--rules", help="python file whose RULES (list of Rule, or cfg -> list) replaces the family's rules")
+    p.add_argument("--strict", action="store_true", help="NaN/Inf in a converted parameter is an error, not a warning")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if a.out is None and not a.dry_run:
+        p.error("--out is required (unless --dry-run)")
+    try:
+        s = convert(a.ckpt, a.out, dtype=a.dtype, overwrite=a.overwrite, model=a.model, rules=a.rules,
+                    strict=a.strict, dry_run=a.dry_run, progress=not a.quiet)
+    except MmjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output folder was written", file=sys.stderr)
+        return 130
+    if s.dry_run:
+        print(s.table)
+        if a.out and os.path.lexists(a.out) and not a.overwrite:
+            print(f"note: {a.out} exists; a real run needs --overwrite", file=sys.stderr)
+    print(s.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
