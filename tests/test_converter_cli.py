@@ -320,3 +320,36 @@ def test_cli_subprocess_dry_run(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "layers_1/o/kernel" in r.stdout and "heads_to_linear_out" in r.stdout
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_checkpoint_roundtrip_shardings_and_errors(tmp_path):
+    from mmjax.checkpoint import save_params
+    from mmjax.errors import LoadError
+
+    params = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)},
+              "b": np.ones(4, ml_dtypes.bfloat16), "ids": np.arange(3, dtype=np.int32)}
+    save_params(tmp_path / "p", params)
+    shapes = param_shapes(tmp_path / "p")
+    assert jax.tree.map(lambda s: (s.shape, str(s.dtype)), shapes) == {
+        "a": {"kernel": ((2, 3), "float32")}, "b": ((4,), "bfloat16"), "ids": ((3,), "int32")}
+    host = restore_params(tmp_path / "p")
+    np.testing.assert_array_equal(host["a"]["kernel"], params["a"]["kernel"])
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    target["a"]["kernel"] = jax.ShapeDtypeStruct((2, 3), jnp.bfloat16, sharding=sharding)  # cast on restore
+    dev = restore_params(tmp_path / "p", target)
+    assert isinstance(dev["b"], jax.Array) and dev["b"].sharding == sharding
+    assert dev["a"]["kernel"].dtype == jnp.bfloat16
+    target["a"]["kernel"] = jax.ShapeDtypeStruct((3, 3), jnp.float32)
+    del target["ids"]
+    with pytest.raises(LoadError, match=r"a/kernel: expected shape \(3, 3\), checkpoint has \(2, 3\)") as ei:
+        restore_params(tmp_path / "p", target)
+    assert "ids: in the checkpoint, not expected by the model" in str(ei.value)
+    with pytest.raises(LoadError, match="already exists"):
+        save_params(tmp_path / "p", params)
+    with pytest.raises(LoadError, match="no orbax checkpoint folder"):
+        param_shapes(tmp_path / "nope")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x").write_text("hi")
+    with pytest.raises(LoadError, match="junk"):
+        restore_params(tmp_path / "junk")
