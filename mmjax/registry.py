@@ -38,7 +38,7 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
-_BUILTIN_MODULES = ("mmjax.models.llava",)
+_BUILTIN_MODULES = ("mmjax.models.llava", "mmjax.models.clip", "mmjax.models.bert")
 
 
 def register(family: Family) -> Family:
