@@ -297,7 +297,8 @@ class Plan:
 def _cast(a: np.ndarray, dt) -> np.ndarray:
     if dt is not None and a.dtype != dt and jnp.issubdtype(a.dtype, jnp.floating):
         return a.astype(dt, order="C")
-    return np.ascontiguousarray(a)
+    # np.require, not ascontiguousarray: the latter turns 0-d arrays (CLIP's logit_scale) into (1,).
+    return np.require(a, requirements="C")
 
 
 def resolve_dtype(dtype):

@@ -4,6 +4,7 @@
     out = mmjax.generate(model, [image], "<image> Describe it.", max_new_tokens=64)
 """
 from mmjax.api import GenerationOutput, Model, forward, generate, load
+from mmjax.models.clip import encode
 
-__all__ = ["load", "forward", "generate", "Model", "GenerationOutput"]
+__all__ = ["load", "forward", "generate", "encode", "Model", "GenerationOutput"]
 __version__ = "0.1.0"
