@@ -38,7 +38,7 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
-_BUILTIN_MODULES = ("mmjax.models.llava", "mmjax.models.clip", "mmjax.models.bert")
+_BUILTIN_MODULES = ("mmjax.models.llava", "mmjax.models.clip", "mmjax.models.bert", "mmjax.models.qwen2vl")
 
 
 def register(family: Family) -> Family:
