@@ -34,6 +34,12 @@ def qkv(batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, dtype=jnp.float
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
+def heads(groups):
+    """(N, K) with N <= 4: two kv heads while they fit, else one."""
+    num_kv_heads = 2 if groups <= 2 else 1
+    return num_kv_heads * groups, num_kv_heads
+
+
 def max_err(a, b):
     return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
 
@@ -45,19 +51,23 @@ def windows(batch, length, sizes, pad):
     return jnp.asarray(np.stack([row, row[::-1].copy()])[:batch], jnp.int32)
 
 
-# name -> (T, S, mask factory(B, T, S)); lengths are deliberately not block multiples.
+# name -> (T, S, mask factory(B, T, S)); lengths are deliberately not block multiples, and
+# offsets and windows put each of the kernel's block-skipping bounds exactly on a key-block
+# edge (with SMALL blocks: causal_offset 17 + 15 = 32; sliding_window 48 - 18 + 1 = 31;
+# bidir_window 11 + 15 + 7 = 33; prefix_lm 33 = 32 + 1; a query block at 66 inside a
+# 70-long prefix with window 25).
 MASKS = {
     "causal": (40, 40, lambda B, T, S: MaskSpec(causal=True)),
-    "causal_offset": (24, 72, lambda B, T, S: MaskSpec(causal=True, q_offset=jnp.array([48, 20][:B]))),
-    "prefix_lm": (48, 48, lambda B, T, S: MaskSpec(causal=True, prefix_lengths=jnp.array([20, 5][:B]))),
-    "sliding_window": (70, 70, lambda B, T, S: MaskSpec(causal=True, sliding_window=19)),
+    "causal_offset": (24, 72, lambda B, T, S: MaskSpec(causal=True, q_offset=jnp.array([17, 41][:B]))),
+    "prefix_lm": (48, 48, lambda B, T, S: MaskSpec(causal=True, prefix_lengths=jnp.array([33, 5][:B]))),
+    "sliding_window": (70, 70, lambda B, T, S: MaskSpec(causal=True, sliding_window=18)),
     "bidirectional": (33, 50, lambda B, T, S: MaskSpec(causal=False)),
-    "bidir_window": (50, 50, lambda B, T, S: MaskSpec(causal=False, sliding_window=7)),
-    "key_padding": (40, 56, lambda B, T, S: MaskSpec(causal=False, kv_lengths=jnp.array([56, 23][:B]))),
+    "bidir_window": (50, 64, lambda B, T, S: MaskSpec(causal=False, q_offset=jnp.array([11, 5][:B]), sliding_window=7)),
+    "key_padding": (40, 56, lambda B, T, S: MaskSpec(causal=False, kv_lengths=jnp.array([56, 33][:B]))),
     "segments": (60, 60, lambda B, T, S: MaskSpec(causal=False, q_segment_ids=windows(B, 60, [16, 9, 23], 12))),
     "everything": (40, 96, lambda B, T, S: MaskSpec(
-        causal=True, q_offset=jnp.array([50, 10][:B]), kv_lengths=jnp.array([90, 45][:B]),
-        prefix_lengths=jnp.array([30, 20][:B]), sliding_window=25,
+        causal=True, q_offset=jnp.array([50, 34][:B]), kv_lengths=jnp.array([90, 80][:B]),
+        prefix_lengths=jnp.array([30, 70][:B]), sliding_window=25,
         q_segment_ids=jnp.zeros((B, T), jnp.int32).at[:, -3:].set(-1),
         kv_segment_ids=jnp.zeros((B, S), jnp.int32).at[:, 60:70].set(3))),
 }
@@ -73,7 +83,7 @@ FLASH_CASES = [
 @pytest.mark.parametrize("name,groups,head_dim", FLASH_CASES)
 def test_flash_matches_reference_fp32(name, groups, head_dim):
     T, S, factory = MASKS[name]
-    q, k, v = qkv(2, T, S, 2 * groups, 2, head_dim)
+    q, k, v = qkv(2, T, S, *heads(groups), head_dim)
     mask = factory(2, T, S)
     out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=True)
     ref = attention_reference(q, k, v, mask)
@@ -84,7 +94,7 @@ def test_flash_matches_reference_fp32(name, groups, head_dim):
 @pytest.mark.parametrize("name,groups,head_dim", [("causal_offset", 4, 128), ("segments", 2, 64)])
 def test_flash_matches_reference_bf16(name, groups, head_dim):
     T, S, factory = MASKS[name]
-    q, k, v = qkv(2, T, S, 2 * groups, 2, head_dim, jnp.bfloat16, seed=1)
+    q, k, v = qkv(2, T, S, *heads(groups), head_dim, jnp.bfloat16, seed=1)
     mask = factory(2, T, S)
     out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=True)
     assert out.dtype == jnp.bfloat16
@@ -122,7 +132,7 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("B,T,S,G,H,lengths,starts,block_k,splits,dtype", DECODE_CASES)
 def test_decode_matches_reference(B, T, S, G, H, lengths, starts, block_k, splits, dtype):
-    q, k, v = qkv(B, T, S, 2 * G, 2, H, dtype, seed=4)
+    q, k, v = qkv(B, T, S, *heads(G), H, dtype, seed=4)
     lengths = jnp.array(lengths, jnp.int32)
     starts = None if starts is None else jnp.array(starts, jnp.int32)
     out = decode_attention(q, k, v, lengths, kv_starts=starts, block_k=block_k, num_splits=splits, interpret=True)
@@ -173,7 +183,7 @@ def test_xla_path_matches_hf_eager():
     mask = MaskSpec(causal=True, q_offset=jnp.array([8, 3]), kv_lengths=jnp.array([20, 15]))
     ok = np.asarray(make_mask(mask, T, S))  # [B, 1, T, S]; every row sees >= 1 key
     additive = torch.from_numpy(np.where(ok, 0.0, np.finfo(np.float32).min).astype(np.float32))
-    to_t = lambda x: torch.from_numpy(np.asarray(x)).transpose(1, 2)  # [B, heads, len, H]
+    to_t = lambda x: torch.from_numpy(np.array(x)).transpose(1, 2)  # [B, heads, len, H]
     module = SimpleNamespace(num_key_value_groups=N // K, training=False)
     hf, _ = eager_attention_forward(module, to_t(q), to_t(k), to_t(v), additive, scaling=1 / math.sqrt(H))
     ours = attention(q, k, v, mask, impl="xla")
