@@ -36,7 +36,7 @@ def _image(h, w, seed):
 # B -> 6x10 (60 patches, partial windows); C -> 100x130 is resized to 112x140 (8x10);
 # D -> 10x12 patches (120).
 IMAGES = {"A": _image(112, 112, 0), "B": _image(84, 140, 1), "C": _image(100, 130, 2), "D": _image(140, 168, 3)}
-CASES = {"A": ["A"], "B": ["B"], "A+B": ["A", "B"]}
+CASES = {"A": ["A"], "B": ["B"], "A+B": ["A", "B"], "text": []}
 PARITY_BUCKETS = Buckets(prompt=(64,), batch=(1,), patches=(128,), new_tokens=(32,))
 
 
@@ -58,7 +58,7 @@ def ckpts(tmp_path_factory):
 def _inputs(model, hp, names, chat_template=False):
     images = [IMAGES[n] for n in names]
     ours = model.preprocess(images, "<image>" * len(names) + PROMPT, chat_template=chat_template)
-    ref = hp(images=images, text=VISION * len(names) + PROMPT, return_tensors="pt")
+    ref = hp(images=images or None, text=VISION * len(names) + PROMPT, return_tensors="pt")
     return images, ours, ref
 
 
