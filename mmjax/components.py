@@ -51,8 +51,9 @@ from mmjax.projectors.pixel_shuffle import PixelShuffleConfig, PixelShuffleProje
 from mmjax.projectors.resampler import PerceiverResampler, ResamplerConfig
 from mmjax.vision.vit import ViT, ViTConfig
 
-__all__ = ["Component", "register_component", "get_component", "component_names", "ComposedConfig",
-           "ComposedVLM", "composed_family", "check_composed_inputs", "composed_sharding", "ComposedProcessor"]
+__all__ = ["Component", "register_component", "get_component", "component_names", "MLPProjectorConfig",
+           "ComposedConfig", "ComposedVLM", "composed_family", "check_composed_inputs", "composed_sharding",
+           "ComposedProcessor"]
 
 KINDS = ("vision", "projector", "decoder")
 FUSIONS = ("prefix", "tokens")
@@ -92,7 +93,7 @@ def get_component(kind: str, name: str) -> Component:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MLPProjectorConfig(ConfigBase):
+class MLPProjectorConfig(ConfigBase):
     """LLaVA's Linear -> act -> Linear (hidden width = out_features), as a component."""
     in_features: int
     out_features: int
@@ -103,8 +104,8 @@ class _MLPProjectorConfig(ConfigBase):
         return num_features
 
 
-class _MLPProjector(nn.Module):
-    cfg: _MLPProjectorConfig
+class MLPProjectorComponent(nn.Module):
+    cfg: MLPProjectorConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -115,7 +116,7 @@ class _MLPProjector(nn.Module):
 
 register_component("vision", "vit", ViTConfig, ViT)
 register_component("projector", "linear", LinearProjectorConfig, LinearProjector)
-register_component("projector", "mlp", _MLPProjectorConfig, _MLPProjector)
+register_component("projector", "mlp", MLPProjectorConfig, MLPProjectorComponent)
 register_component("projector", "resampler", ResamplerConfig, PerceiverResampler)
 register_component("projector", "pixel_shuffle", PixelShuffleConfig, PixelShuffleProjector)
 register_component("decoder", "neox", NeoXConfig, NeoXDecoder)
@@ -151,7 +152,8 @@ class ComposedConfig(ConfigBase):
         if self.fusion not in FUSIONS:
             raise ValueError(f"ComposedConfig.fusion {self.fusion!r} is not one of {', '.join(FUSIONS)}")
         if self.prefix_attention not in ("causal", "bidirectional"):
-            raise ValueError(f"ComposedConfig.prefix_attention {self.prefix_attention!r} is not causal or bidirectional")
+            raise ValueError(f"ComposedConfig.prefix_attention {self.prefix_attention!r} is not "
+                             "'causal' or 'bidirectional'")
         if self.prefix_attention == "bidirectional" and self.fusion != "prefix":
             raise ValueError("ComposedConfig: prefix_attention='bidirectional' needs fusion='prefix'")
         p, v, d = self.projector, self.vision, self.decoder

@@ -72,7 +72,8 @@ class NeoXConfig(ConfigBase):
     @classmethod
     def from_hf_gpt_neox(cls, t: dict, **over) -> "NeoXConfig":
         """From a transformers GPTNeoXConfig dict (model_type "gpt_neox")."""
-        rope = RopeConfig.from_hf({**t, "partial_rotary_factor": t.get("rotary_pct", t.get("partial_rotary_factor", 1.0))})
+        partial = t.get("rotary_pct", t.get("partial_rotary_factor", 1.0))  # rope_parameters, if set, wins
+        rope = RopeConfig.from_hf({**t, "partial_rotary_factor": partial})
         kw = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
                   num_layers=t["num_hidden_layers"], num_heads=t["num_attention_heads"], position="rotary", rope=rope,
                   max_position_embeddings=t.get("max_position_embeddings", 2048),

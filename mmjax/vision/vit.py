@@ -61,9 +61,11 @@ class ViTConfig(ConfigBase):
         if self.position not in POSITIONS:
             raise ValueError(f"ViTConfig.position {self.position!r} is not one of {', '.join(POSITIONS)}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"ViTConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(f"ViTConfig: image_size {self.image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"ViTConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(f"ViTConfig: hidden_size {self.hidden_size} is not divisible by "
+                             f"num_heads {self.num_heads}")
         if self.position == "sincos2d" and self.hidden_size % 4:
             raise ValueError(f"ViTConfig: sincos2d positions need hidden_size % 4 == 0, got {self.hidden_size}")
         if self.output_class_token and not self.class_token:
