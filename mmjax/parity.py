@@ -263,6 +263,19 @@ def _align(ours: np.ndarray, theirs: np.ndarray):
     return None
 
 
+def _point(name, tname, a, b, atol, rtol, order) -> Point | str:
+    """One comparison, or why it cannot be made."""
+    aligned = _align(a, b)
+    if aligned is None:
+        return f"shapes {a.shape} (mmjax) and {b.shape} (torch) do not align"
+    a, b = aligned
+    diff = np.abs(a - b)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    ok = bool(np.all(diff <= atol + rtol * np.abs(b))) and bool(np.isfinite(a).all())
+    return Point(name, tname, tuple(b.shape), max_abs, max_abs / max(scale, 1e-30), ok, order)
+
+
 # ---------------------------------------------------------------- compare
 
 def compare(torch_model, torch_inputs, model, inputs: Mapping, points: Mapping[str, str] | Sequence | None = None,
@@ -312,28 +325,20 @@ def compare(torch_model, torch_inputs, model, inputs: Mapping, points: Mapping[s
     for name, tname in pairs:
         a, b = ours.get(name), theirs.get(tname)
         if tname not in order:
-            skipped.append((name, tname, "the torch module never ran"))
-            continue
-        if a is None or b is None:
-            if a is None and name in need_sown:
-                why = sown_error or f"{name!r} is neither a flax module path nor a sown intermediate"
-            elif a is None:
-                why = "the flax module was not called, or returned no array"
-            else:
-                why = "the torch module returned no tensor"
-            skipped.append((name, tname, why))
-            continue
-        a = np.asarray(a, np.float64)
-        aligned = _align(a, b)
-        if aligned is None:
-            skipped.append((name, tname, f"shapes {a.shape} (mmjax) and {b.shape} (torch) do not align"))
-            continue
-        a, b = aligned
-        diff = np.abs(a - b)
-        max_abs = float(diff.max()) if diff.size else 0.0
-        scale = float(np.abs(b).max()) if b.size else 0.0
-        ok = bool(np.all(diff <= atol + rtol * np.abs(b))) and bool(np.isfinite(a).all())
-        results.append(Point(name, tname, tuple(b.shape), max_abs, max_abs / max(scale, 1e-30), ok, order[tname]))
+            why = "the torch module never ran"
+        elif a is None and name in need_sown:
+            why = sown_error or f"{name!r} is neither a flax module path nor a sown intermediate"
+        elif a is None:
+            why = "the flax module was not called, or returned no array"
+        elif b is None:
+            why = "the torch module returned no tensor"
+        else:
+            got = _point(name, tname, np.asarray(a, np.float64), b, atol, rtol, order[tname])
+            if isinstance(got, Point):
+                results.append(got)
+                continue
+            why = got
+        skipped.append((name, tname, why))
     report = ParityReport(results, skipped, atol, rtol)
     if verbose:
         print(report.table())
