@@ -61,6 +61,9 @@ class Rule:
             return
         if any(p.glob for p in pats):
             self._fail("'*' is allowed only in drop rules (target None): a target cannot be derived from it")
+        for t in tgts:  # the engine str.format()s targets: "{i!r}", "{0}" or a stray "{" must not reach it
+            if any(c in "{}" for c in _TOKEN.sub("", t)):
+                self._fail(f"target {t!r}: braces are only allowed as {{name}} placeholders")
         if len({p.names for p in pats}) != 1:
             self._fail("all source patterns of a rule need the same placeholders")
         tvars = {_placeholders(t) for t in tgts}
@@ -195,12 +198,13 @@ def _closest(name: str, shape, pool: Mapping[str, tuple], k: int = 3) -> tuple[s
     return tuple(f"{c} {tuple(pool[c])}" for _, c in exact[:k])
 
 
-def _raise(problems: list[Problem], n_src: int, n_tgt: int):
+def _raise(problems: list[Problem], n_src: int, n_tgt: int, partial: "Plan | None" = None):
     problems = sorted(problems, key=lambda p: _KINDS.index(p.kind))
     lines = [f"cannot map {n_src} source tensors onto {n_tgt} parameters: {len(problems)} problem(s)"]
     lines += [f"  - {p}" for p in problems]
     err = ConversionError("\n".join(lines))
     err.problems = problems
+    err.partial_plan = partial  # the steps that did check out, so --dry-run can still show them
     raise err
 
 
@@ -413,7 +417,10 @@ def build_plan(sources: Mapping[str, tuple], rules: Sequence[Rule], targets: Map
     # 4. every output shape, on shapes only
     problems += _check_shapes([s for s in steps if all(t in tshape for t in s.targets)], sources)
     if problems:
-        _raise(problems, len(sources), len(tshape))
+        bad = {p.name for p in problems}
+        ok = [s for s in steps if all(t in tshape and t not in bad for t in s.targets)
+              and not any(n in bad for n in s.names)]
+        _raise(problems, len(sources), len(tshape), Plan(ok, dropped, [], sources, targets))
     order = {n: k for k, n in enumerate(sources)}  # read in checkpoint order: shards front to back
     steps.sort(key=lambda s: min(order[n] for n in s.names))
     unused = [r for ri, r in enumerate(rules) if ri not in used]

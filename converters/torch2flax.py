@@ -238,7 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         s = convert(a.ckpt, a.out, dtype=a.dtype, overwrite=a.overwrite, model=a.model, rules=a.rules,
                     strict=a.strict, dry_run=a.dry_run, progress=not a.quiet)
     except MmjaxError as e:
+        partial = getattr(e, "partial_plan", None)
+        if a.dry_run and partial is not None:  # what did map, so the missing rules are easy to write
+            print(partial.table())
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, I/O error: the message names the file; OUT was not written
+        print(f"error: {e}; no output folder was written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no output folder was written", file=sys.stderr)

@@ -63,7 +63,7 @@ class LlamaDecoder(nn.Module):
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, lc = layer(x, mask, rope, None if cache is None else cache[i], write_index)
-            self.sow("intermediates", f"layers_{i}", x)
+            self.sow("intermediates", "hidden_states", x)  # a tuple, one entry per block
             new_cache.append(lc)
         return self.final_norm(x), new_cache
 

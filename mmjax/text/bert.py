@@ -137,7 +137,7 @@ class Bert(nn.Module):
         mask = padding_mask(attention_mask, causal=False)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask)
-            self.sow("intermediates", f"layers_{i}", x)
+            self.sow("intermediates", "hidden_states", x)  # a tuple, one entry per block
         # The pooler always runs when there is one (XLA drops it if unused), so the param tree
         # never depends on `pool`.
         pools = {"cls": x[:, 0], "mean": _mean(x, attention_mask)}

@@ -90,7 +90,7 @@ class ClipText(nn.Module):
         mask = padding_mask(attention_mask, causal=True)
         for i in range(c.num_layers):
             x = ClipVisionBlock(c, self.dtype, name=f"layers_{i}")(x, mask)
-            self.sow("intermediates", f"layers_{i}", x)
+            self.sow("intermediates", "hidden_states", x)  # a tuple, one entry per block
         x = LayerNorm(c.layer_norm_eps, self.dtype, name="final_norm")(x)
         pooled = x[jnp.arange(B), eos_positions(input_ids, c.eos_token_id)]  # [B, D]
         return x, pooled

@@ -65,6 +65,6 @@ class ClipVision(nn.Module):
         mask = MaskSpec(causal=False)
         for i in range(self.num_layers_used):
             x = ClipVisionBlock(c, self.dtype, name=f"layers_{i}")(x, mask)
-            self.sow("intermediates", f"layers_{i}", x)
+            self.sow("intermediates", "hidden_states", x)  # a tuple, one entry per block
             hidden.append(x)
         return hidden

@@ -273,7 +273,7 @@ class Qwen2VLVision(nn.Module):
         for i in range(c.num_layers):
             seg = local if windowed and i not in c.fullatt_block_indexes else full
             x = VisionBlock(c, self.dtype, name=f"layers_{i}")(x, rope, seg)
-            self.sow("intermediates", f"layers_{i}", x)
+            self.sow("intermediates", "hidden_states", x)  # a tuple, one entry per block
         out = PatchMerger(c, self.dtype, name="merger")(x)  # [U, O]
         if windowed:
             out = jnp.take(out, window_inverse, axis=0)
