@@ -36,13 +36,21 @@ COPIED_FILES = (
 
 
 def check_out(out: str, ckpt: str, overwrite: bool) -> None:
-    """Refuse an OUT that exists (without overwrite) or that overlaps the source folder."""
+    """Refuse an OUT that exists (without overwrite), overlaps the source folder, or cannot be created."""
     o, c = os.path.realpath(out), os.path.realpath(ckpt)
     if o == c or o.startswith(c + os.sep) or c.startswith(o + os.sep):
         raise ConversionError(f"{out}: the output folder must not be, contain, or lie inside the "
                               f"source checkpoint {ckpt} (the source is never modified)")
     if os.path.lexists(out) and not overwrite:
         raise ConversionError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
+    # An output that cannot be created fails now, not after the whole conversion has run.
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConversionError(f"{out}: cannot create the output folder: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"{out}: cannot create the output folder: {parent} is not writable")
 
 
 @contextlib.contextmanager
@@ -50,8 +58,11 @@ def staged_output(out: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a fresh temporary folder; on success it becomes `out`, on any failure it vanishes."""
     out = os.path.abspath(out)
     parent, name = os.path.dirname(out), os.path.basename(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    except OSError as e:  # what check_out cannot foresee (a full disk, a special filesystem such as /proc)
+        raise ConversionError(f"{out}: cannot create the output folder: {e}") from e
     try:
         yield tmp
         _commit(tmp, out, overwrite)
