@@ -13,7 +13,7 @@ import numpy as np
 
 from mmjax import registry
 from mmjax.bucketing import DEFAULT_BUCKETS, Buckets, pick
-from mmjax.errors import InputError, LoadError
+from mmjax.errors import InputError, LoadError, MmjaxError, UnknownModelError
 from mmjax.generation.engine import Engine
 from mmjax.generation.sampling import SamplingParams
 from mmjax.models.base import param_shapes
@@ -67,7 +67,7 @@ def _read_json(path: str, what: str) -> dict:
             d = json.load(f)
     except FileNotFoundError:
         raise LoadError(f"{path}: {what} is missing (is this a folder written by converters.torch2flax?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nesting
         raise LoadError(f"{path}: {what} is not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise LoadError(f"{path}: {what} must hold a JSON object")
@@ -92,14 +92,21 @@ def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache:
         cfg = family.config_cls.from_dict(meta["config"])
     except KeyError as e:
         raise LoadError(f"{path}/mmjax_config.json: missing key {e}") from None
+    except UnknownModelError as e:
+        raise UnknownModelError(f"{path}/mmjax_config.json: {e}") from None
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}/mmjax_config.json: config does not fit {family.name}: {e}") from None
     stored_tree = checkpoint.param_shapes(os.path.join(path, "params"))
     stored = flatten_params(stored_tree)
     dtypes = {np.dtype(s.dtype) for s in stored.values() if jnp.issubdtype(s.dtype, jnp.floating)}
     dtype = jnp.bfloat16 if np.dtype(jnp.bfloat16) in dtypes else jnp.float32
-    module = family.build(cfg, dtype)
-    want = param_shapes(module)
+    try:
+        module = family.build(cfg, dtype)
+        want = param_shapes(module)
+    except MmjaxError:
+        raise
+    except Exception as e:  # e.g. a hand-edited value of the wrong type ("hidden_size": "64")
+        raise LoadError(f"{path}/mmjax_config.json: config cannot build {family.name}: {type(e).__name__}: {e}") from e
     problems = [f"{k}: missing from the checkpoint" for k in sorted(set(want) - set(stored))]
     problems += [f"{k}: in the checkpoint but not in the model" for k in sorted(set(stored) - set(want))]
     problems += [f"{k}: config expects shape {tuple(want[k].shape)}, checkpoint has {tuple(stored[k].shape)}"

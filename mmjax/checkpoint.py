@@ -9,6 +9,7 @@ by name instead of surfacing as an orbax traceback.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 import jax
@@ -53,6 +54,8 @@ def _metadata_tree(path: str) -> dict:
         ck.close()
     item = getattr(md, "item_metadata", md)
     tree = getattr(item, "tree", item)
+    if tree is None:  # orbax logs a warning and returns None when _METADATA / the manifest is unreadable
+        raise LoadError(f"{path}: its orbax metadata (_METADATA, manifest.ocdbt) is missing or corrupt")
     if not isinstance(tree, Mapping):
         raise LoadError(f"{path}: not an orbax params checkpoint (its metadata holds a "
                         f"{type(tree).__name__}, not a dict of parameters)")
@@ -112,9 +115,21 @@ def restore_params(path: str | os.PathLike, target: Mapping[str, Any] | None = N
     except LoadError:
         raise
     except Exception as e:
-        raise LoadError(f"{path}: restoring the orbax checkpoint failed: {type(e).__name__}: {e}") from e
+        raise _read_error(path, e) from e
     finally:
         ck.close()
+
+
+def _read_error(path: str, e: Exception) -> LoadError:
+    """TensorStore read errors embed a page of spec JSON; keep the parameter it names and one line."""
+    text = str(e)
+    first = text.strip().splitlines()[0][:300] if text.strip() else ""
+    # the parameter's key is the one relative kvstore 'path' (file paths are absolute)
+    names = re.findall(r"'path': '([^'/][^']*?)/?'", text)
+    if names:
+        return LoadError(f"{path}: parameter {names[0]!r} cannot be read (truncated or corrupt data): "
+                         f"{type(e).__name__}: {first}")
+    return LoadError(f"{path}: restoring the orbax checkpoint failed: {type(e).__name__}: {first}")
 
 
 def _with_sharding(leaf):
