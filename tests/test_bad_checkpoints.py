@@ -423,6 +423,12 @@ LOAD_CASES = {
     "deeply_nested_mmjax_config": (_write("mmjax_config.json", "[" * 100_000), LoadError,
                                    r"mmjax_config\.json: mmjax_config\.json is not valid JSON"),
     "garbage_tokenizer": (_write("tokenizer.json", "{garbage"), LoadError, r"tokenizer\.json: cannot parse"),
+    "deeply_nested_tokenizer_config": (_write("tokenizer_config.json", "[" * 100_000), LoadError,
+                                       r"tokenizer_config\.json: not valid JSON"),
+    "deeply_nested_processor_config": (_write("processor_config.json", '{"a": ' + "[" * 100_000), LoadError,
+                                       r"processor_config\.json: not valid JSON"),
+    "deeply_nested_chat_template_json": (_write("chat_template.json", "[" * 100_000), LoadError,
+                                         r"chat_template\.json: not valid JSON"),
     "hidden_size_edited": (_edit_config(lambda m: m["config"]["text"].update(hidden_size=48)), LoadError,
                            r"params do not match mmjax_config\.json:\n  decoder/embed/embedding: config expects "
                            r"shape \(512, 48\), checkpoint has \(512, 64\)"),

@@ -163,7 +163,7 @@ def render_chat_template(
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise LoadError(f"{path}: not valid JSON ({e})") from e
 
 

@@ -203,7 +203,7 @@ def read_image_processor_config(folder: str | os.PathLike) -> dict:
             continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise LoadError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
             raise LoadError(f"{path}: expected a JSON object, got {type(data).__name__}")

@@ -41,7 +41,7 @@ _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise LoadError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise LoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
