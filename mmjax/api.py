@@ -207,6 +207,12 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
     Bb, Tb = batch["input_ids"].shape
     lens = np.ones((Bb,), np.int32)
     lens[:B] = lengths
+    vocab = getattr(getattr(model.config, "text", model.config), "vocab_size", None)
+    if stop_token_ids is not None and not isinstance(stop_token_ids, (list, tuple, set, frozenset)):
+        raise InputError(f"stop_token_ids must be a list of token ids, got {type(stop_token_ids).__name__}")
+    for t in stop_token_ids if stop_token_ids is not None else ():  # out-of-range ids would never match
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 or (vocab is not None and t >= vocab):
+            raise InputError(f"stop_token_ids: {t!r} is not a token id in [0, {vocab})")
     stops = sorted(set(model.tokenizer.eos_token_ids if model.processor is not None else ()) | set(stop_token_ids or ()))
     if len(stops) > MAX_STOP_IDS:
         raise InputError(f"stop_token_ids: at most {MAX_STOP_IDS} stop tokens, got {len(stops)}")
@@ -240,7 +246,7 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
     texts = [model.tokenizer.decode(r) for r in rows]
     timings = {"preprocess_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2, "steps": steps,
                "decode_tok_s": (steps - 1) * B / (t3 - t2) if steps > 1 and t3 > t2 else float("nan")}
-    single = isinstance(prompt, str)
+    single = isinstance(prompt, (str, bytes, bytearray))  # bytes: one UTF-8 prompt, as in preprocess
     prompt_tokens = [np.asarray(inputs["input_ids"])[r, : lengths[r]].tolist() for r in range(B)]
     return GenerationOutput(texts[0] if single else texts, rows[0] if single else rows,
                             prompt_tokens[0] if single else prompt_tokens, timings)

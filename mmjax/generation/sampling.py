@@ -5,6 +5,7 @@ recompile; only greedy-vs-sampling is static."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +23,15 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise InputError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature must be >= 0 and finite, got {self.temperature!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise InputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        # PRNGKey keeps 32 bits: a larger seed would silently repeat a smaller one's samples (or overflow)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise InputError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
