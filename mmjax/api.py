@@ -74,6 +74,30 @@ def _read_json(path: str, what: str) -> dict:
     return d
 
 
+def _check_family_spec(path: str, spec) -> None:
+    """A "pkg.mod:ATTR" family is imported, but never from the (possibly downloaded) model folder
+    itself: with that folder as the working directory, `import pkg` would run the code it ships."""
+    if spec is None:
+        return  # reported below as a missing key
+    if not isinstance(spec, str):
+        raise LoadError(f"{path}/mmjax_config.json: family must be a string, got {spec!r}")
+    if ":" not in spec:
+        return
+    import importlib.util
+
+    try:  # the top-level name only: finding it runs nothing, importing a parent package would
+        found = importlib.util.find_spec(spec.split(":", 1)[0].split(".", 1)[0])
+    except (ImportError, ValueError):
+        return  # registry.resolve reports it
+    places = [found.origin] if found is not None and found.origin else []
+    places += list(found.submodule_search_locations or []) if found is not None else []
+    root = os.path.realpath(path)
+    for p in places:
+        if os.path.realpath(p) == root or os.path.realpath(p).startswith(root + os.sep):
+            raise LoadError(f"{path}/mmjax_config.json: family_spec {spec!r} would import {p}, inside the model "
+                            "folder; mmjax does not run code shipped with a model (install the family's package)")
+
+
 def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache: bool | None = None) -> Model:
     """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files.
 
@@ -87,6 +111,7 @@ def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache:
     if not os.path.isdir(path):
         raise LoadError(f"{path}: not a folder")
     meta = _read_json(os.path.join(path, "mmjax_config.json"), "mmjax_config.json")
+    _check_family_spec(path, meta.get("family_spec") or meta.get("family"))
     try:
         family = registry.resolve(meta.get("family_spec") or meta["family"])
         cfg = family.config_cls.from_dict(meta["config"])

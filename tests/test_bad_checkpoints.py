@@ -457,3 +457,31 @@ def test_load_control_copy_loads(llava, tmp_path):
     # the copies above fail because of their edits: an unedited copy loads and runs
     model = mmjax.load(copy(llava[2], tmp_path, "flax"))
     assert model.config.text.hidden_size == 64 and model.tokenizer.vocab_size == 512
+
+
+@pytest.mark.parametrize("layout", ["module", "package"])
+def test_load_never_imports_code_shipped_in_the_model_folder(llava, tmp_path, monkeypatch, layout):
+    # mmjax_config.json's family_spec is imported; a downloaded folder must not bring that code
+    # along (with the folder as cwd, python -c / a notebook would have it on sys.path)
+    folder = copy(llava[2], tmp_path, "flax")
+    marker = tmp_path / "MARKER"
+    code = f"open({str(marker)!r}, 'w').write('code ran')\nFAMILY = None\n"
+    if layout == "module":
+        (folder / "acme_vlm.py").write_text(code)
+    else:
+        (folder / "acme_vlm").mkdir()
+        (folder / "acme_vlm" / "__init__.py").write_text(code)
+    _edit_config(lambda m: m.update(family_spec="acme_vlm.model:FAMILY" if layout == "package" else "acme_vlm:FAMILY"))(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.chdir(folder)
+    with pytest.raises(LoadError, match=r"mmjax_config\.json: family_spec 'acme_vlm[.:].*' would import .*acme_vlm.*, "
+                                        r"inside the model folder; mmjax does not run code shipped with a model"):
+        mmjax.load(folder)
+    assert not marker.exists(), "code from the model folder ran"
+
+
+def test_load_refuses_a_non_string_family(llava, tmp_path):
+    folder = copy(llava[2], tmp_path, "flax")
+    _edit_config(lambda m: m.update(family=["llava"]))(folder)
+    with pytest.raises(LoadError, match=r"mmjax_config\.json: family must be a string, got \['llava'\]"):
+        mmjax.load(folder)
