@@ -410,6 +410,14 @@ def _edit_config(fn):
     return edit
 
 
+def _edit_image_processor(**changes):
+    def edit(folder):
+        cfg = json.loads((folder / "processor_config.json").read_text())
+        cfg["image_processor"].update(changes)
+        (folder / "processor_config.json").write_text(json.dumps(cfg))
+    return edit
+
+
 LOAD_CASES = {
     "no_mmjax_config": (_rm("mmjax_config.json"), LoadError, r"mmjax_config\.json: mmjax_config\.json is missing"),
     "no_params": (_rm("params"), LoadError, r"/params: no orbax checkpoint folder here"),
@@ -427,6 +435,10 @@ LOAD_CASES = {
                                        r"tokenizer_config\.json: not valid JSON"),
     "deeply_nested_processor_config": (_write("processor_config.json", '{"a": ' + "[" * 100_000), LoadError,
                                        r"processor_config\.json: not valid JSON"),
+    "processor_value_not_a_number": (_edit_image_processor(rescale_factor="1/255"), LoadError,
+                                     r": image processor config: rescale_factor: expected a number, got '1/255'"),
+    "processor_zero_image_std": (_edit_image_processor(image_std=[0.5, 0.0, 0.5]), LoadError,
+                                 r": image processor config: image_std: every entry must be finite and non-zero"),
     "deeply_nested_chat_template_json": (_write("chat_template.json", "[" * 100_000), LoadError,
                                          r"chat_template\.json: not valid JSON"),
     "hidden_size_edited": (_edit_config(lambda m: m["config"]["text"].update(hidden_size=48)), LoadError,

@@ -41,6 +41,7 @@ from mmjax.preprocess.images import (
     OPENAI_CLIP_STD,
     ImageLike,
     as_channels,
+    as_number,
     load_image,
     normalize_chw,
     parse_resample,
@@ -163,18 +164,22 @@ class CLIPImageProcessor:
         if c.get("resample") is not None:
             kw["resample"] = parse_resample(c["resample"])
         if c.get("rescale_factor") is not None:
-            kw["rescale_factor"] = float(c["rescale_factor"])
+            kw["rescale_factor"] = as_number(c["rescale_factor"], "rescale_factor")
         for key in ("image_mean", "image_std"):
             if c.get(key) is not None:
                 kw[key] = as_channels(c[key], key)
         for key in ("max_input_pixels", "max_resize_pixels"):
             if c.get(key) is not None:
-                kw[key] = int(c[key])
+                kw[key] = as_number(c[key], key, int)
         return cls(**kw)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, **overrides) -> CLIPImageProcessor:
-        return cls.from_dict(read_image_processor_config(folder), **overrides)
+        config = read_image_processor_config(folder)
+        try:
+            return cls.from_dict(config, **overrides)
+        except LoadError as e:  # name the folder: the key alone does not say which model's config
+            raise LoadError(f"{folder}: image processor config: {e}") from None
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """One image or a list -> float32 [B, 3, H, W]."""

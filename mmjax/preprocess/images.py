@@ -182,10 +182,22 @@ def normalize_chw(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, 
 def as_channels(value: float | list | tuple, name: str) -> tuple[float, ...]:
     """image_mean / image_std may be a scalar (applied to every channel) or one value per channel."""
     if isinstance(value, (int, float)):
-        return (float(value),) * 3
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
-        return tuple(float(v) for v in value)
-    raise LoadError(f"{name}: expected a number or a list of numbers, got {value!r}")
+        out = (float(value),) * 3
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+        out = tuple(float(v) for v in value)
+    else:
+        raise LoadError(f"{name}: expected a number or a list of numbers, got {value!r}")
+    if name == "image_std" and not all(v != 0 and np.isfinite(v) for v in out):  # x / 0: silent inf/NaN pixels
+        raise LoadError(f"image_std: every entry must be finite and non-zero, got {value!r}")
+    return out
+
+
+def as_number(value: Any, name: str, kind: type = float):
+    """A numeric config entry (int(...) / float(...)) or a LoadError naming the key."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise LoadError(f"{name}: expected a number, got {value!r}") from None
 
 
 def read_image_processor_config(folder: str | os.PathLike) -> dict:

@@ -37,6 +37,7 @@ from mmjax.preprocess.images import (
     OPENAI_CLIP_STD,
     ImageLike,
     as_channels,
+    as_number,
     load_image,
     normalize_chw,
     parse_resample,
@@ -123,20 +124,21 @@ class Qwen2VLImageProcessor:
             hi = size.get("longest_edge", size.get("max_pixels"))
             if lo is None or hi is None:
                 raise LoadError(f"size: needs 'shortest_edge' and 'longest_edge' (pixel areas), got {size!r}")
-            kw["min_pixels"], kw["max_pixels"] = int(lo), int(hi)
+            kw["min_pixels"] = as_number(lo, "size.shortest_edge", int)
+            kw["max_pixels"] = as_number(hi, "size.longest_edge", int)
         for key in ("min_pixels", "max_pixels"):  # legacy top-level keys win, as in HF's __init__
             if c.get(key) is not None:
-                kw[key] = int(c[key])
+                kw[key] = as_number(c[key], key, int)
         for key in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
             if c.get(key) is not None:
                 kw[key] = bool(c[key])
         for key in ("patch_size", "temporal_patch_size", "merge_size", "max_input_pixels"):
             if c.get(key) is not None:
-                kw[key] = int(c[key])
+                kw[key] = as_number(c[key], key, int)
         if c.get("resample") is not None:
             kw["resample"] = parse_resample(c["resample"])
         if c.get("rescale_factor") is not None:
-            kw["rescale_factor"] = float(c["rescale_factor"])
+            kw["rescale_factor"] = as_number(c["rescale_factor"], "rescale_factor")
         for key in ("image_mean", "image_std"):
             if c.get(key) is not None:
                 kw[key] = as_channels(c[key], key)
@@ -147,7 +149,11 @@ class Qwen2VLImageProcessor:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, **overrides) -> Qwen2VLImageProcessor:
-        return cls.from_dict(read_image_processor_config(folder), **overrides)
+        config = read_image_processor_config(folder)
+        try:
+            return cls.from_dict(config, **overrides)
+        except LoadError as e:  # name the folder: the key alone does not say which model's config
+            raise LoadError(f"{folder}: image processor config: {e}") from None
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) an image of this size is resized to."""
