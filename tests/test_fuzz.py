@@ -180,6 +180,7 @@ def test_mutated_torch_files(tmp_path, torch_blobs, kind, edits, cut, name):
     assert not marker.exists(), "the pickle payload ran"
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on odd protocol bytes
 @FUZZ
 @given(body=st.binary(max_size=120), proto=st.sampled_from([b"", b"\x80\x02", b"\x80\x04", b"PK\x03\x04"]))
 def test_random_pickle_streams(tmp_path, body, proto):
