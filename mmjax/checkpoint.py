@@ -123,7 +123,7 @@ def restore_params(path: str | os.PathLike, target: Mapping[str, Any] | None = N
 def _read_error(path: str, e: Exception) -> LoadError:
     """TensorStore read errors embed a page of spec JSON; keep the parameter it names and one line."""
     text = str(e)
-    first = text.strip().splitlines()[0][:300] if text.strip() else ""
+    first = text.strip().splitlines()[0].split(" See full TensorStore details")[0][:300] if text.strip() else ""
     # the parameter's key is the one relative kvstore 'path' (file paths are absolute)
     names = re.findall(r"'path': '([^'/][^']*?)/?'", text)
     if names:
