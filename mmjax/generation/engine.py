@@ -31,8 +31,12 @@ def _gather_last(h, lengths):  # h [B, T, D], lengths [B] -> [B, 1, D]
 class Engine:
     """Holds the jitted prefill / decode_step of one module (one compile per shape bucket)."""
 
-    def __init__(self, module):
+    def __init__(self, module, state_sharding=None):
+        """state_sharding: None on one device; with a mesh, state -> matching tree of shardings
+        (mmjax.sharding.state_shardings), pinned on every step's output so the donated state
+        keeps one layout from step to step and the partitioner never gathers the cache."""
         self.module = module
+        self.state_sharding = state_sharding
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "max_new", "greedy"))
         self.decode_step = jax.jit(self._decode_step, static_argnames=("greedy",), donate_argnums=(1,))
         self.forward = jax.jit(self._forward)
@@ -63,7 +67,7 @@ class Engine:
             "done": jnp.zeros((B,), bool),
             "step": jnp.int32(0),
         }
-        return self._emit(state, logits, sp, stop_ids, min_new, max_new_tokens, key, greedy)
+        return self._pin(self._emit(state, logits, sp, stop_ids, min_new, max_new_tokens, key, greedy))
 
     def _decode_step(self, params, state, sp, stop_ids, min_new, max_new_tokens, key, *, greedy):
         index = state["index"]
@@ -77,7 +81,12 @@ class Engine:
 
         logits, cache = self.module.apply({"params": params}, method=run)
         state = {**state, "cache": cache, "index": index + 1}
-        return self._emit(state, logits, sp, stop_ids, min_new, max_new_tokens, key, greedy)
+        return self._pin(self._emit(state, logits, sp, stop_ids, min_new, max_new_tokens, key, greedy))
+
+    def _pin(self, state):
+        if self.state_sharding is None:
+            return state
+        return jax.lax.with_sharding_constraint(state, self.state_sharding(state))
 
     @staticmethod
     def _emit(state, logits, sp, stop_ids, min_new, max_new_tokens, key, greedy):

@@ -167,6 +167,35 @@ def _processor(folder, cfg):
     return LlavaProcessor(folder, cfg)
 
 
+def _sharding(cfg: LlavaConfig) -> list:
+    """Param path regex -> axes in the legend (mmjax.sharding.rules maps letters to mesh axes).
+
+    Decoder: Megatron split (q/k/v, gate/up by heads / F columns; o, down by rows: two
+    all-reduces per layer), embedding and lm_head over V. The vision tower is split the same
+    way (measured against replicated: docs/sharding.md); the projector, norms, patch and
+    position embeddings are small and replicated."""
+    dec, vis = r"decoder/layers_\d+", r"vision/layers_\d+"
+    return [
+        (r"decoder/embed/embedding", "VD"),
+        (r"decoder/lm_head/kernel", "DV"),
+        (rf"{dec}/attn/q/kernel", "DNH"),
+        (rf"{dec}/attn/q/bias", "NH"),
+        (rf"{dec}/attn/[kv]/kernel", "DKH"),
+        (rf"{dec}/attn/[kv]/bias", "KH"),
+        (rf"{dec}/attn/o/kernel", "NHD"),
+        (rf"{dec}/mlp/(gate|up)/kernel", "DF"),
+        (rf"{dec}/mlp/(gate|up)/bias", "F"),
+        (rf"{dec}/mlp/down/kernel", "FD"),
+        (rf"{vis}/attn/[qkv]/kernel", "DNH"),  # CLIP has no GQA: k/v have N heads too
+        (rf"{vis}/attn/[qkv]/bias", "NH"),
+        (rf"{vis}/attn/o/kernel", "NHD"),
+        (rf"{vis}/mlp/fc1/kernel", "DF"),
+        (rf"{vis}/mlp/fc1/bias", "F"),
+        (rf"{vis}/mlp/fc2/kernel", "FD"),
+        (r".*", None),
+    ]
+
+
 FAMILY = register(Family(
     name="llava",
     config_from_hf=LlavaConfig.from_hf,
@@ -175,4 +204,5 @@ FAMILY = register(Family(
     rules=_rules,
     processor=_processor,
     check_inputs=_check_inputs,
+    sharding=_sharding,
 ))

@@ -1,0 +1,456 @@
+"""mmjax.sharding: rule tables, meshes, and multi-device / multi-process generation.
+
+The main pytest process stays single-device: multi-device checks run this file as a script in
+a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count set before JAX is imported
+(one subprocess runs every mesh shape; the two-process test starts two more). Tolerance:
+logits of a sharded run within 1e-5 of one device (partial sums are added in another order).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGIT_TOL = 1e-5
+MESHES = ("model:2", "model:4", "model:8", "data:2,model:4")
+PROMPTS = ["<image>\nWhat is this?", "<image>\nhello there general kenobi"]
+NEW_TOKENS = 12
+# tiny LLaVAs: A has every split axis divisible by 8; B has 2 kv heads (replicated on model:4 / 8);
+# BIG has a 64 MiB embedding (tied: the largest tensor) for the loading checks.
+TINY = dict(vocab_size=512, text_hidden=64, text_layers=2, heads=8, inter=128, vision_hidden=64,
+            vision_heads=8, vision_inter=128, vision_layers=3)
+CONFIGS = {"A": dict(TINY, kv_heads=8), "B": dict(TINY, kv_heads=2),
+           "BIG": dict(TINY, vocab_size=32768, text_hidden=512, text_layers=1, kv_heads=8, inter=256, tie=True)}
+
+
+# --------------------------------------------------------------------------------------------
+# single-device unit tests (main process)
+# --------------------------------------------------------------------------------------------
+def fake_mesh(**axes):  # logical_to_spec / param_specs only read mesh.shape
+    return types.SimpleNamespace(shape=dict(axes))
+
+
+def test_parse_mesh_spec_and_errors():
+    from mmjax.errors import InputError
+    from mmjax.sharding import make_mesh, parse_mesh_spec
+
+    assert parse_mesh_spec("data:2, model:4") == (("data", "model"), (2, 4))
+    assert parse_mesh_spec("model:-1") == (("model",), (-1,))
+    for bad, says in [("data=2", "'data=2' is not 'name:size'"), ("model:2,model:2", "appears twice"),
+                      ("a:-1,b:-1", "only one axis may be -1"), ("model:0", "size 0")]:
+        with pytest.raises(InputError, match=re.escape(says)):
+            parse_mesh_spec(bad)
+    with pytest.raises(InputError, match=r"needs 2 devices \(2\), only 1 are visible"):
+        make_mesh("model:2")
+
+
+def test_make_mesh_has_auto_axes():
+    import jax
+    from jax.sharding import AxisType
+
+    from mmjax.sharding import make_mesh
+
+    mesh = make_mesh("data:1,model:-1")
+    assert dict(mesh.shape) == {"data": 1, "model": 1}
+    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+    explicit = jax.make_mesh((1,), ("model",))  # this JAX's default: Explicit
+    assert explicit.axis_types == (AxisType.Explicit,)
+    assert make_mesh(explicit).axis_types == (AxisType.Auto,)
+
+
+def test_logical_to_spec_split_replicate_and_errors():
+    from jax.sharding import PartitionSpec as P
+
+    from mmjax.sharding import ShardingError, logical_to_spec
+
+    mesh = fake_mesh(data=2, model=8)
+    assert logical_to_spec("q", (64, 8, 8), "DNH", mesh) == P(None, "model")
+    assert logical_to_spec("o", (8, 8, 64), "NHD", mesh) == P("model")
+    assert logical_to_spec("k", (64, 2, 8), "DKH", mesh) == P()  # 2 kv heads on 8: replicated
+    assert logical_to_spec("cache", (2, 48, 8, 8), "BSKH", mesh) == P("data", None, "model")
+    assert logical_to_spec("cache", (1, 48, 8, 8), "BSKH", mesh) == P(None, None, "model")  # 1 row
+    assert logical_to_spec("norm", (64,), None, mesh) == P()
+    assert logical_to_spec("q", (64, 8, 8), "DNH", fake_mesh(data=8)) == P()  # no model axis
+    with pytest.raises(ShardingError, match=re.escape("gate: dimension 1 (F=100) is split over mesh axis "
+                                                      "model of size 8, and 100 % 8 = 4")):
+        logical_to_spec("gate", (64, 100), "DF", mesh)
+    with pytest.raises(ShardingError, match=re.escape("x: rule axes 'DF' name 2 dimensions, the parameter "
+                                                      "has shape (64, 8, 8)")):
+        logical_to_spec("x", (64, 8, 8), "DF", mesh)
+    with pytest.raises(ShardingError, match="both map to mesh axis 'model'"):
+        logical_to_spec("x", (8, 8), "NF", mesh)
+
+
+def _llava(**kw):
+    from mmjax.models.llava import FAMILY
+    from mmjax.testing.checkpoints import tiny_llava_config
+
+    cfg = FAMILY.config_from_hf(tiny_llava_config(**kw).to_dict())
+    return FAMILY, cfg, FAMILY.build(cfg).param_shapes()
+
+
+def test_llava_table_covers_every_parameter():
+    from jax.sharding import PartitionSpec as P
+
+    from mmjax.sharding import param_specs
+    from mmjax.tree import flatten_params
+
+    family, cfg, shapes = _llava(**CONFIGS["A"])
+    specs = param_specs(family.sharding(cfg), flatten_params(shapes), fake_mesh(data=2, model=4))
+    assert set(specs) == set(flatten_params(shapes))
+    want = {"decoder/embed/embedding": P("model"), "decoder/lm_head/kernel": P(None, "model"),
+            "decoder/layers_0/attn/q/kernel": P(None, "model"), "decoder/layers_1/attn/v/kernel": P(None, "model"),
+            "decoder/layers_0/attn/o/kernel": P("model"), "decoder/layers_0/mlp/up/kernel": P(None, "model"),
+            "decoder/layers_1/mlp/down/kernel": P("model"), "decoder/final_norm/scale": P(),
+            "vision/layers_0/attn/k/bias": P("model"), "vision/layers_1/mlp/fc2/kernel": P("model"),
+            "vision/layers_1/mlp/fc2/bias": P(), "vision/patch_embed": P(), "projector/mlp/fc1/kernel": P()}
+    assert {k: specs[k] for k in want} == want
+
+
+def test_param_shardings_errors_name_the_parameter():
+    import dataclasses
+
+    from mmjax.sharding import ShardingError, param_specs
+    from mmjax.sharding.rules import param_shardings
+    from mmjax.tree import flatten_params
+
+    family, cfg, shapes = _llava(**CONFIGS["A"])
+    flat = flatten_params(shapes)
+    with pytest.raises(ShardingError, match=r"no sharding rule matches decoder/final_norm/scale"):
+        param_specs([(r"decoder/(?!final_norm).*", None), (r"vision/.*", None), (r"projector/.*", None)],
+                    flat, fake_mesh(model=2), family_name="llava")
+    with pytest.raises(ShardingError, match=re.escape("decoder/embed/embedding (rule 'decoder/embed/embedding'): "
+                                                      "dimension 0 (V=512) is split over mesh axis model of size "
+                                                      "3, and 512 % 3 = 2")):
+        param_specs(family.sharding(cfg), flat, fake_mesh(model=3))
+    bare = dataclasses.replace(family, name="bare", sharding=None)
+    with pytest.raises(ShardingError, match="family 'bare' has no sharding rules"):
+        param_shardings(bare, cfg, fake_mesh(model=2), flat)
+
+
+# --------------------------------------------------------------------------------------------
+# multi-device (subprocess with 8 host devices)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from converters.torch2flax import convert
+    from mmjax.testing.checkpoints import save_tiny_llava, tiny_llava_config
+
+    root = tmp_path_factory.mktemp("sharding")
+    out = {}
+    for name, kw in CONFIGS.items():
+        save_tiny_llava(root / f"{name}_hf", tiny_llava_config(**kw), seed=1)
+        convert(root / f"{name}_hf", root / name, progress=False)
+        out[name] = str(root / name)
+    return out
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", HF_HUB_OFFLINE="1",
+               MMJAX_COMPILE_CACHE="0", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("MMJAX_COORDINATOR", "MMJAX_NUM_PROCESSES", "MMJAX_PROCESS_ID"):
+        env.pop(k, None)
+    return env
+
+
+def _result(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, "worker printed no RESULT line"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def mesh_results(folders):
+    p = subprocess.run([sys.executable, __file__, "meshes", json.dumps(folders)], env=_env(8), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = _result(p.stdout)
+    print(json.dumps(res["report"], indent=1))  # the measured numbers (pytest -s shows them)
+    return res
+
+
+def test_sharded_generation_matches_one_device(mesh_results):
+    ref = mesh_results["A"]["single"]
+    for spec in MESHES:
+        got = mesh_results["A"][spec]
+        assert got["tokens"] == ref["tokens"], f"{spec}: greedy tokens differ from one device"
+        assert got["max_dlogit"] < LOGIT_TOL, f"{spec}: max |dlogits| {got['max_dlogit']:.2e}"
+    assert len(ref["tokens"]) == 2 and all(len(t) == NEW_TOKENS for t in ref["tokens"])
+
+
+def test_kv_heads_that_do_not_divide_are_replicated(mesh_results):
+    b = mesh_results["B"]
+    assert b["model:8"]["tokens"] == b["single"]["tokens"]
+    assert b["model:8"]["max_dlogit"] < LOGIT_TOL
+    assert b["model:8"]["k_spec"] == "P()"  # 2 kv heads over 8 devices
+    assert b["model:8"]["q_spec"] == "P(None, 'model')"
+    assert b["model:8"]["cache_spec"] == "P()"
+    assert mesh_results["A"]["data:2,model:4"]["cache_spec"] == "P('data', None, 'model')"
+
+
+# which dimension of each parameter the LLaVA table splits over `model` (None: replicated),
+# written out here independently of mmjax/models/llava.py
+SPLIT_DIM = [(r"decoder/embed/embedding", 0), (r"decoder/lm_head/kernel", 1),
+             (r".*/attn/[qkv]/kernel", 1), (r"vision/.*/attn/[qkv]/bias", 0), (r".*/attn/o/kernel", 0),
+             (r"decoder/.*/mlp/(gate|up)/kernel", 1), (r"decoder/.*/mlp/down/kernel", 0),
+             (r"vision/.*/mlp/fc1/kernel", 1), (r"vision/.*/mlp/fc1/bias", 0), (r"vision/.*/mlp/fc2/kernel", 0)]
+
+
+def test_every_shard_has_the_shape_its_rule_says(mesh_results):
+    shards = mesh_results["A"]["data:2,model:4"]["shards"]  # path -> [global shape, shard shapes, devices]
+    assert len(shards) == 62
+    for path, (shape, shard_shapes, n_devices) in shards.items():
+        dim = next((d for pat, d in SPLIT_DIM if re.fullmatch(pat, path)), None)
+        want = list(shape)
+        if dim is not None:
+            want[dim] //= 4
+        assert shard_shapes == [want], f"{path}: shards {shard_shapes}, expected {want} (split dim {dim})"
+        assert n_devices == 8, path
+
+
+def test_decode_step_collectives(mesh_results):
+    # Arrays all-reduced per step (tuple all-reduces counted per array).
+    # Megatron split: o and down each end in an all-reduce of [B, 1, D] (2 per layer); one more
+    # for the vocab-split embedding lookup and one (bool [B]) for the stop-token lookup; the
+    # argmax over vocab shards all-gathers [B, model] values and indices. Nothing touches the cache.
+    layers = CONFIGS["A"]["text_layers"]
+    for spec in ("model:4", "data:2,model:4"):
+        hlo = mesh_results["A"][spec]["decode_collectives"]
+        assert hlo["counts"] == {"all-reduce": 2 * layers + 2, "all-gather": 2}, (spec, hlo)
+        assert hlo["hidden_all_reduces"] == 2 * layers + 1, (spec, hlo)
+
+
+def test_load_restores_straight_into_shards(mesh_results):
+    big = mesh_results["BIG"]
+    V, D = CONFIGS["BIG"]["vocab_size"], CONFIGS["BIG"]["text_hidden"]
+    assert big["embed_shards"] == [[V // 8, D]] and big["embed_devices"] == 8
+    assert big["embed_mib"] == 64.0
+    # orbax reads each device's slice; going through a full host copy first costs a copy more
+    assert big["peak_sharded_mib"] < big["peak_host_then_shard_mib"], big
+
+
+def test_docs_examples_run(mesh_results):
+    docs = mesh_results["docs"]
+    assert docs["blocks"] == 2
+    assert "P('model',)" in docs["stdout"]
+
+
+# --------------------------------------------------------------------------------------------
+# two processes x 4 devices on localhost (gloo CPU collectives)
+# --------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_generate_like_one(folders, mesh_results):
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(_env(4), MMJAX_COORDINATOR=f"127.0.0.1:{port}", MMJAX_NUM_PROCESSES="2",
+                   MMJAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, __file__, "process", json.dumps(folders)], env=env,
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    results = [_result(out) for out, _ in outs]
+    print(json.dumps(results))
+    V, D = CONFIGS["BIG"]["vocab_size"], CONFIGS["BIG"]["text_hidden"]
+    for r in results:
+        assert (r["process_count"], r["devices"], r["local_devices"]) == (2, 8, 4)
+        assert r["tokens"] == mesh_results["A"]["single"]["tokens"], f"process {r['pid']}"
+        # each process holds only its 4 of the 8 embedding shards
+        assert r["embed_local_shards"] == [[V // 8, D]] * 4 and not r["embed_fully_addressable"]
+
+
+# --------------------------------------------------------------------------------------------
+# subprocess workers (this file run as a script)
+# --------------------------------------------------------------------------------------------
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_during(fn):
+    """(result, peak RSS increase in MiB) of fn(); VmHWM is reset first (Linux clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss("VmRSS")
+    out = fn()
+    return out, (_rss("VmHWM") - base) / 2**20
+
+
+def _image():
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 40, 3), np.uint8))
+
+
+def _generate(model):
+    import mmjax
+
+    img = _image()
+    out = mmjax.generate(model, [[img], [img]], PROMPTS, max_new_tokens=NEW_TOKENS, chat_template=False)
+    return out.token_ids
+
+
+def _logits(model):
+    import mmjax
+
+    img = _image()
+    inp = model.preprocess([[img], [img]], PROMPTS, chat_template=False)
+    return mmjax.forward(model, inp["input_ids"], inp["attention_mask"], inp["pixel_values"])
+
+
+def _prefill_state(model):
+    """The state prefill returns for 2 rows, a 32-token bucket and 16 new tokens (what
+    _generate compiles), and the rest of the decode_step arguments."""
+    import jax
+    import jax.numpy as jnp
+
+    from mmjax.api import _on_mesh
+    from mmjax.generation.sampling import SamplingParams
+
+    B, T, M = 2, 32, 16
+    batch = _on_mesh(model, {"input_ids": jnp.zeros((B, T), jnp.int32)})
+    lens = _on_mesh(model, {"lens": jnp.full((B,), 5, jnp.int32)})["lens"]
+    args = (SamplingParams(0.0, 0, 1.0, 0).arrays(), jnp.full((8,), -1, jnp.int32), jnp.int32(0), jnp.int32(M),
+            jax.random.PRNGKey(0))
+    return model.engine.prefill(model.params, batch, lens, *args, cache_len=T + M, max_new=M, greedy=True), args
+
+
+def _collectives(model):
+    state, args = _prefill_state(model)
+    hlo = model.engine.decode_step.lower(model.params, state, *args, greedy=True).compile().as_text()
+    counts, hidden, D = {}, 0, model.config.text.hidden_size
+    for line in hlo.splitlines():  # one instruction may reduce a tuple of arrays (XLA's combiner)
+        m = re.search(r"= (.+?) (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(", line)
+        if m:
+            arrays = re.findall(r"\w+\[[\d,]*\]", m.group(1))
+            counts[m.group(2)] = counts.get(m.group(2), 0) + len(arrays)
+            hidden += sum(m.group(2) == "all-reduce" and bool(re.fullmatch(rf"f32\[\d+,1,{D}\]", a)) for a in arrays)
+    return {"counts": counts, "hidden_all_reduces": hidden}
+
+
+def _meshes_worker(folders: dict) -> dict:
+    import time
+
+    import jax
+
+    import mmjax
+    from mmjax.models.llava import FAMILY
+    from mmjax.sharding import make_mesh, shard_params
+
+    assert jax.device_count() == 8, jax.devices()
+    res, report = {}, {}
+
+    def run(folder, mesh, extras=()):
+        t0 = time.perf_counter()
+        m = mmjax.load(folder, mesh=mesh)
+        r = {"tokens": _generate(m), "logits": _logits(m)}
+        r["seconds"] = round(time.perf_counter() - t0, 2)
+        if mesh is not None:
+            p = m.params["decoder"]["layers_0"]["attn"]
+            r["q_spec"], r["k_spec"] = str(p["q"]["kernel"].sharding.spec), str(p["k"]["kernel"].sharding.spec)
+            r["cache_spec"] = str(_prefill_state(m)[0]["cache"][0]["k"].sharding.spec)
+        if "shards" in extras:
+            r["shards"] = {"/".join(k.key for k in path): [
+                list(a.shape), [list(s) for s in sorted({x.data.shape for x in a.addressable_shards})],
+                len({x.device for x in a.addressable_shards})] for path, a in jax.tree_util.tree_flatten_with_path(m.params)[0]}
+        if "hlo" in extras:
+            r["decode_collectives"] = _collectives(m)
+        return r
+
+    for name, meshes in (("A", MESHES), ("B", ("model:8",))):
+        single = run(folders[name], None)
+        res[name] = {"single": {"tokens": single["tokens"]}}
+        for spec in meshes:
+            extras = {"data:2,model:4": ("shards", "hlo"), "model:4": ("hlo",)}.get(spec, ()) if name == "A" else ()
+            r = run(folders[name], spec, extras)
+            r["max_dlogit"] = float(np.abs(r.pop("logits") - single["logits"]).max())
+            res[name][spec] = r
+            report[f"{name} {spec}"] = {k: r[k] for k in ("max_dlogit", "seconds", "decode_collectives") if k in r}
+
+    # loading: the BIG model's 64 MiB embedding over model:8 (after a warm-up load of A, so
+    # orbax / tensorstore start-up costs are not counted)
+    mesh = make_mesh("model:8")
+    jax.block_until_ready(mmjax.load(folders["A"], mesh=mesh).params)
+    big, peak = _peak_during(lambda: jax.block_until_ready(mmjax.load(folders["BIG"], mesh=mesh)))
+    emb = big.params["decoder"]["embed"]["embedding"]
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(big.params))
+    del big
+
+    def host_then_shard():
+        m = mmjax.load(folders["BIG"])
+        return jax.block_until_ready(shard_params(FAMILY, m.config, mesh, m.params))
+
+    _, peak_host = _peak_during(host_then_shard)
+    res["BIG"] = {"embed_shards": sorted({tuple(s.data.shape) for s in emb.addressable_shards}),
+                  "embed_devices": len({s.device for s in emb.addressable_shards}),
+                  "embed_mib": emb.nbytes / 2**20, "params_mib": round(nbytes / 2**20, 1),
+                  "peak_sharded_mib": round(peak, 1), "peak_host_then_shard_mib": round(peak_host, 1)}
+    report["BIG load"] = res["BIG"]
+    res["report"] = report
+    res["docs"] = _run_docs(folders["A"])
+    return res
+
+
+def _run_docs(folder: str) -> dict:
+    """Run every ```python block of docs/sharding.md marked `<!-- test: run -->`, in order, in one
+    namespace that starts with `folder` (tiny LLaVA A) and `image`."""
+    import contextlib
+    import io
+
+    text = (ROOT / "docs" / "sharding.md").read_text()
+    blocks = re.findall(r"<!-- test: run -->\n```python\n(.*?)\n```", text, re.S)
+    ns, buf = {"folder": folder, "image": _image()}, io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        for code in blocks:
+            exec(compile(code, "docs/sharding.md", "exec"), ns)
+    return {"blocks": len(blocks), "stdout": buf.getvalue()}
+
+
+def _process_worker(folders: dict) -> dict:
+    from mmjax.sharding import initialize_distributed
+
+    assert initialize_distributed()  # from MMJAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
+    import jax
+
+    import mmjax
+
+    out = {"pid": jax.process_index(), "process_count": jax.process_count(), "devices": jax.device_count(),
+           "local_devices": jax.local_device_count()}
+    out["tokens"] = _generate(mmjax.load(folders["A"], mesh="data:2,model:4"))
+    big, peak = _peak_during(lambda: jax.block_until_ready(mmjax.load(folders["BIG"], mesh="model:8")))
+    emb = big.params["decoder"]["embed"]["embedding"]
+    out["embed_local_shards"] = [list(s.data.shape) for s in emb.addressable_shards]
+    out["embed_fully_addressable"] = emb.is_fully_addressable
+    out["peak_load_mib"] = round(peak, 1)
+    return out
+
+
+if __name__ == "__main__":
+    mode, arg = sys.argv[1], json.loads(sys.argv[2])
+    result = {"meshes": _meshes_worker, "process": _process_worker}[mode](arg)
+    print("RESULT " + json.dumps(result, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)), flush=True)
