@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from mmjax.errors import InputError, LoadError, MmjaxError, UnknownModelError
 from mmjax.generation.engine import Engine
 from mmjax.generation.sampling import SamplingParams
 from mmjax.models.base import param_shapes
+from mmjax.sharding import make_mesh, param_shardings, shard_batch, state_shardings, to_host
 from mmjax.tree import flatten_params
 
 __all__ = ["Model", "GenerationOutput", "load", "forward", "generate"]
@@ -40,7 +42,11 @@ class Model:
     engine: Engine = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
-        self.engine = Engine(self.module)
+        state_sharding = None
+        if self.mesh is not None:  # the generation state's layout on the mesh (docs/sharding.md)
+            self.mesh = make_mesh(self.mesh)
+            state_sharding = functools.partial(state_shardings, self.mesh)
+        self.engine = Engine(self.module, state_sharding)
 
     @property
     def tokenizer(self):
@@ -139,10 +145,9 @@ def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache:
     if problems:
         raise LoadError(f"{path}: params do not match mmjax_config.json:\n  " + "\n  ".join(problems))
     target = stored_tree  # restored straight onto the (first) device
-    if mesh is not None:
-        from mmjax.sharding import param_shardings
-
-        target = param_shardings(family, cfg, mesh, stored)
+    if mesh is not None:  # each device reads only its own shards (docs/sharding.md)
+        mesh = make_mesh(mesh)
+        target = param_shardings(family, cfg, mesh, stored_tree)
     params = checkpoint.restore_params(os.path.join(path, "params"), target)
     processor = family.processor(path, cfg) if family.processor is not None else None
     return Model(path, family, cfg, module, params, processor, dtype, buckets or DEFAULT_BUCKETS, mesh)
@@ -173,7 +178,12 @@ def forward(model: Model, input_ids, attention_mask=None, pixel_values=None, **e
             batch[k] = jnp.asarray(v)
     if model.family.check_inputs is not None:
         model.family.check_inputs(model.config, batch)
-    return np.asarray(model.engine.forward(model.params, batch))
+    return to_host(model.engine.forward(model.params, _on_mesh(model, batch)))
+
+
+def _on_mesh(model: Model, batch: dict) -> dict:
+    """Inputs onto the model's mesh, rows over `data` (unchanged without a mesh)."""
+    return batch if model.mesh is None else shard_batch(model.mesh, batch)
 
 
 def _pad_rows(a: np.ndarray, rows: int, cols: int | None = None, fill=0) -> np.ndarray:
@@ -228,7 +238,7 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
         min_new_tokens = min(min_new_tokens, max_new_tokens)
     if model.family.check_inputs is not None:
         model.family.check_inputs(model.config, inputs)
-    batch = _bucketed_batch(model, inputs, lengths)
+    batch = _on_mesh(model, _bucketed_batch(model, inputs, lengths))
     Bb, Tb = batch["input_ids"].shape
     lens = np.ones((Bb,), np.int32)
     lens[:B] = lengths
@@ -247,16 +257,16 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
     key = jax.random.PRNGKey(seed)
     args = (sp.arrays(), stop_arr, jnp.int32(min_new_tokens), jnp.int32(max_new_tokens), key)
     t1 = time.perf_counter()
-    state = model.engine.prefill(model.params, batch, jnp.asarray(lens), *args,
+    state = model.engine.prefill(model.params, batch, _on_mesh(model, {"lens": jnp.asarray(lens)})["lens"], *args,
                                  cache_len=cache_len, max_new=M, greedy=sp.greedy)
     state["done"].block_until_ready()
     t2 = time.perf_counter()
     for i in range(1, max_new_tokens):
         # a host sync every 8 steps to stop early; finished rows only emit padding meanwhile
-        if i % 8 == 0 and bool(np.asarray(state["done"][:B]).all()):
+        if i % 8 == 0 and bool(to_host(state["done"])[:B].all()):
             break
         state = model.engine.decode_step(model.params, state, *args, greedy=sp.greedy)
-    tokens = np.asarray(state["tokens"])[:B, :max_new_tokens]
+    tokens = to_host(state["tokens"])[:B, :max_new_tokens]
     steps = int(state["step"])
     t3 = time.perf_counter()
     stop_set = set(stops)
