@@ -96,7 +96,7 @@ def restore_params(path: str | os.PathLike, target: Mapping[str, Any] | None = N
     target None: numpy arrays on the host. target a nested dict of jax.ShapeDtypeStruct (with
     .sharding, e.g. NamedSharding over a mesh) or arrays: each leaf is restored with that shape,
     dtype (cast if it differs from the stored one) and sharding, directly on the devices.
-    A ShapeDtypeStruct without a sharding goes to the first device."""
+    A ShapeDtypeStruct without a sharding goes to this process's first local device."""
     path = os.path.abspath(os.fspath(path))
     stored = _flat(param_shapes(path))
     ck = _checkpointer()
@@ -135,5 +135,5 @@ def _read_error(path: str, e: Exception) -> LoadError:
 def _with_sharding(leaf):
     if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                    sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+                                    sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     return leaf
