@@ -119,12 +119,14 @@ def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache:
     meta = _read_json(os.path.join(path, "mmjax_config.json"), "mmjax_config.json")
     _check_family_spec(path, meta.get("family_spec") or meta.get("family"))
     try:
-        family = registry.resolve(meta.get("family_spec") or meta["family"])
+        family = registry.resolve(meta.get("family_spec") or meta["family"])  # UnknownModelError names it
         cfg = family.config_cls.from_dict(meta["config"])
     except KeyError as e:
         raise LoadError(f"{path}/mmjax_config.json: missing key {e}") from None
     except UnknownModelError as e:
         raise UnknownModelError(f"{path}/mmjax_config.json: {e}") from None
+    except MmjaxError:
+        raise
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}/mmjax_config.json: config does not fit {family.name}: {e}") from None
     stored_tree = checkpoint.param_shapes(os.path.join(path, "params"))
@@ -167,8 +169,14 @@ def _lengths(input_ids, attention_mask) -> np.ndarray:
     return lengths
 
 
+def _require_decoder(model: Model, what: str) -> None:
+    if not hasattr(model.module, "decode"):
+        raise InputError(f"mmjax.{what}: family {model.family.name!r} has no decoder; use mmjax.encode(model, ...)")
+
+
 def forward(model: Model, input_ids, attention_mask=None, pixel_values=None, **extra) -> np.ndarray:
     """Prefill logits [B, T, V] float32 on the exact (unpadded) shapes — what parity compares."""
+    _require_decoder(model, "forward")
     lengths = _lengths(input_ids, attention_mask)
     batch = {"input_ids": jnp.asarray(input_ids, jnp.int32), "lengths": jnp.asarray(lengths)}
     if pixel_values is not None:
@@ -178,6 +186,11 @@ def forward(model: Model, input_ids, attention_mask=None, pixel_values=None, **e
             batch[k] = jnp.asarray(v)
     if model.family.check_inputs is not None:
         model.family.check_inputs(model.config, batch)
+    if model.family.pad_inputs is not None:  # host-built inputs (Qwen2-VL: M-RoPE positions), buckets=None: exact sizes
+        host = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, **extra}
+        host = {k: np.asarray(v) for k, v in host.items() if v is not None}
+        for k, v in model.family.pad_inputs(model.config, host, None, *batch["input_ids"].shape).items():
+            batch[k] = jnp.asarray(v, model.dtype if k == "pixel_values" else None)
     return to_host(model.engine.forward(model.params, _on_mesh(model, batch)))
 
 
@@ -224,6 +237,7 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
         raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens], got {min_new_tokens!r}")
+    _require_decoder(model, "generate")
     sp = SamplingParams(temperature, top_k, top_p, seed)
     t0 = time.perf_counter()
     inputs = model.preprocess(images, prompt, chat_template=chat_template)
