@@ -35,7 +35,7 @@ class Scanned(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, caches, mask, rope, index):  # caches: {"k","v": [L, B, S, K, H]}
+    def __call__(self, x, caches, mask, rope, index):  # caches: {"k","v": [L, B, K, S, H]}
         scan = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=self.cfg.num_layers)
         return scan(self.cfg, name="layers")(x, caches, mask, rope, index)
@@ -45,7 +45,7 @@ class Unrolled(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, caches, mask, rope, index):  # caches: list of {"k","v": [B, S, K, H]}
+    def __call__(self, x, caches, mask, rope, index):  # caches: list of {"k","v": [B, K, S, H]}
         out = []
         for i in range(self.cfg.num_layers):
             x, c = LlamaBlock(self.cfg, name=f"layers_{i}")(x, mask, rope, caches[i], index)
@@ -59,9 +59,9 @@ def measure(kind: str, layers: int, hidden: int, S: int = 1088, steps: int = 30)
     B, K, H = 1, cfg.num_kv_heads, cfg.head_dim
     mod = (Scanned if kind == "scan" else Unrolled)(cfg)
     if kind == "scan":
-        caches = {"k": jnp.zeros((layers, B, S, K, H)), "v": jnp.zeros((layers, B, S, K, H))}
+        caches = {"k": jnp.zeros((layers, B, K, S, H)), "v": jnp.zeros((layers, B, K, S, H))}
     else:
-        caches = [{"k": jnp.zeros((B, S, K, H)), "v": jnp.zeros((B, S, K, H))} for _ in range(layers)]
+        caches = [{"k": jnp.zeros((B, K, S, H)), "v": jnp.zeros((B, K, S, H))} for _ in range(layers)]
     x = jnp.zeros((B, 1, hidden))
     index = jnp.full((B,), 700, jnp.int32)
     mask = MaskSpec(causal=True, kv_lengths=index + 1, q_offset=index)

@@ -194,7 +194,7 @@ def test_kv_heads_that_do_not_divide_are_replicated(mesh_results):
     assert b["model:8"]["k_spec"] == "P()"  # 2 kv heads over 8 devices
     assert b["model:8"]["q_spec"] == "P(None, 'model')"
     assert b["model:8"]["cache_spec"] == "P()"
-    assert mesh_results["A"]["data:2,model:4"]["cache_spec"] == "P('data', None, 'model')"
+    assert mesh_results["A"]["data:2,model:4"]["cache_spec"] == "P('data', 'model')"  # [B, K, S, H]
 
 
 # which dimension of each parameter the LLaVA table splits over `model` (None: replicated),

@@ -1,7 +1,7 @@
 """Prefill and decode as pure jitted functions over a preallocated KV cache.
 
 State (a plain pytree, donated to every step so the cache is updated in place):
-  cache      list of per-layer {"k","v": [B, S, K, H]}
+  cache      list of per-layer {"k","v": [B, K, S, H]}
   last       [B]     token fed to the next step
   index      [B]     cache slot of that token (= prompt length + tokens so far)
   pos_offset [B]     rope position = cache index + pos_offset (M-RoPE's rope delta)
@@ -56,8 +56,9 @@ class Engine:
 
         logits, kv, pos_offset = m.apply({"params": params}, method=run)
         B, T = batch["input_ids"].shape
-        pad = ((0, 0), (0, cache_len - T), (0, 0), (0, 0))
-        cache = [{"k": jnp.pad(c["k"], pad), "v": jnp.pad(c["v"], pad)} for c in kv]
+        # prefill's keys come as [B, T, K, H]; the cache is [B, K, S, H] (mmjax.layers.attention)
+        pad = ((0, 0), (0, 0), (0, cache_len - T), (0, 0))
+        cache = [{n: jnp.pad(c[n].swapaxes(1, 2), pad) for n in ("k", "v")} for c in kv]
         state = {
             "cache": cache,
             "last": jnp.zeros((B,), jnp.int32),

@@ -43,8 +43,11 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
     return impl
 
 
-def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
+def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None, kv_layout: str = "BSKH"):
     """Einsum attention with the mask built from MaskSpec; softmax in float32.
+
+    kv_layout "BKSH" takes k/v as [B, K, S, H] (the KV cache's layout): the contractions then
+    have their batch axes (B, K) leading, so XLA needs no per-step transpose of the cache.
 
     Numerics follow HF eager attention: logits = (q . k) * scale, masked, softmax in
     float32, probabilities cast to v's dtype for the second product. Masked logits are
@@ -52,12 +55,13 @@ def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
     average, so padded rows stay 0 and never NaN.
     """
     batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    kv = "BSKH" if kv_layout == "BSKH" else "BKSH"
+    kv_len, num_kv_heads = (k.shape[1], k.shape[2]) if kv == "BSKH" else (k.shape[2], k.shape[1])
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     # Pin f32 matmuls to full precision (GPUs would otherwise use TF32 for them).
     prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     qg = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, precision=prec, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"BTKGH,{kv}->BKGTS", qg, k, precision=prec, preferred_element_type=jnp.float32)
     logits = logits * scale
     if mask.is_trivial:
         probs = jax.nn.softmax(logits, axis=-1)
@@ -68,7 +72,7 @@ def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None):
         e = jnp.exp(logits - jax.lax.stop_gradient(jnp.where(m == NEG_INF, 0.0, m)))
         total = jnp.sum(e, axis=-1, keepdims=True)
         probs = e / jnp.where(total == 0.0, 1.0, total)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, precision=prec,
+    out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs.astype(v.dtype), v, precision=prec,
                      preferred_element_type=jnp.float32)
     return out.reshape(q.shape).astype(q.dtype)
 
@@ -96,13 +100,22 @@ def decode_range(mask: MaskSpec, batch: int, kv_len: int):
 
 def attention(
     q: jax.Array,  # [B, T, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    v: jax.Array,  # [B, S, K, H]
+    k: jax.Array,  # [B, S, K, H] (kv_layout "BSKH") or [B, K, S, H] ("BKSH", the KV cache)
+    v: jax.Array,  # like k
     mask: MaskSpec,
     *,
     impl: Impl = "auto",
     scale: float | None = None,
+    kv_layout: str = "BSKH",
 ) -> jax.Array:  # [B, T, N, H] in q's dtype
+    if kv_layout not in ("BSKH", "BKSH"):
+        raise InputError(f"attention: kv_layout={kv_layout!r} is not 'BSKH' or 'BKSH'")
+    if kv_layout == "BKSH" and resolve_impl(impl) == "xla":
+        check_qkv(q, k.swapaxes(1, 2), v.swapaxes(1, 2))  # shapes only: traced, not computed
+        mask.check(q.shape[0], q.shape[1], k.shape[2])
+        return xla_attention(q, k, v, mask, scale, kv_layout)
+    if kv_layout == "BKSH":  # the Pallas kernels read [B, S, K, H]
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     check_qkv(q, k, v)
     batch, q_len, _, _ = q.shape
     kv_len = k.shape[1]

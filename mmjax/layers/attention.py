@@ -20,11 +20,21 @@ __all__ = ["Attention", "write_cache"]
 
 
 def write_cache(cache, new, index):
-    """cache [B, S, K, H] <- new [B, T, K, H] at per-row offsets index [B] (in place when donated)."""
-    def one(c, n, i):
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0))
+    """cache [B, K, S, H] <- new [B, T, K, H] at per-row offsets index [B] (in place when donated).
 
-    return jax.vmap(one)(cache, new, index)
+    The cache keeps S next to H ("BKSH") so that decode attention contracts it without a
+    transpose: with [B, S, K, H], XLA on CPU copied every layer's whole cache every step.
+    One row (the latency case) is a plain dynamic_update_slice, done in place; several rows
+    are vmap(dynamic_update_slice), a scatter that the SPMD partitioner splits over `data`
+    (a loop over rows made it all-gather the cache)."""
+    upd = new.swapaxes(1, 2).astype(cache.dtype)  # [B, K, T, H]
+    if cache.shape[0] == 1:
+        return jax.lax.dynamic_update_slice(cache, upd, (0, 0, index[0], 0))
+
+    def one(c, n, i):  # c [K, S, H], n [K, T, H]
+        return jax.lax.dynamic_update_slice(c, n, (0, i, 0))
+
+    return jax.vmap(one)(cache, upd, index)
 
 
 class Attention(nn.Module):
@@ -40,7 +50,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask: MaskSpec, rope=None, cache=None, write_index=None):
-        """x [B, T, D]; rope = (cos, sin) [B, T, R] or None; cache = {"k","v": [B, S, K, H]} or None.
+        """x [B, T, D]; rope = (cos, sin) [B, T, R] or None; cache = {"k","v": [B, K, S, H]} or None.
 
         Without a cache, attends over this call's own T keys and returns (y, {"k","v"}: [B, T, K, H]).
         With one, writes this call's keys at write_index [B] and attends over the cache.
@@ -54,10 +64,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             new_cache = {"k": k, "v": v}
-            keys, values = k, v
+            out = attention(q, k, v, mask, impl=self.impl)  # [B, T, N, H]
         else:
             new_cache = {"k": write_cache(cache["k"], k, write_index), "v": write_cache(cache["v"], v, write_index)}
-            keys, values = new_cache["k"], new_cache["v"]
-        out = attention(q, keys, values, mask, impl=self.impl)  # [B, T, N, H]
-        y = Einsum((N, H, D), "BTNH,NHD->BTD", (D,) if self.o_bias else None, self.dtype, name="o")(out)
+            out = attention(q, new_cache["k"], new_cache["v"], mask, impl=self.impl, kv_layout="BKSH")
+        y = Einsum((N, H, D), "BTNH,NHD->BTD", (D,) if self.o_bias else None, self.dtype, name="o",
+                   flatten_contraction=True)(out)
         return y, new_cache

@@ -16,11 +16,21 @@ class Einsum(nn.Module):
     eqn: str
     bias_shape: tuple[int, ...] | None = None
     dtype: jnp.dtype = jnp.float32
+    # Contract the kernel's leading axes as one flat axis (x [..., n1, n2] . w [n1, n2, D]).
+    # Same math; it pins the row-major order of the contraction, which stops XLA on CPU from
+    # transposing the o-projection kernel ([N, H, D] -> [H, N, D]) on every decode step.
+    flatten_contraction: bool = False
 
     @nn.compact
     def __call__(self, x):
         w = self.param("kernel", nn.initializers.normal(0.02), self.shape, self.dtype)
-        y = jnp.einsum(self.eqn, x.astype(self.dtype), w.astype(self.dtype))
+        if self.flatten_contraction:
+            n = len(self.shape) - 1
+            lead = x.shape[: x.ndim - n]
+            y = jnp.einsum("...E,ED->...D", x.astype(self.dtype).reshape(*lead, -1),
+                           w.astype(self.dtype).reshape(-1, self.shape[-1]))
+        else:
+            y = jnp.einsum(self.eqn, x.astype(self.dtype), w.astype(self.dtype))
         if self.bias_shape is not None:
             b = self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
             y = y + b.astype(self.dtype)

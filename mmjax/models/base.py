@@ -6,7 +6,7 @@ A VLM module (flax.linen) provides:
       token's cache index to get its rope position (0 for plain RoPE; M-RoPE's rope delta).
   embed_tokens(ids [B, T]) -> [B, T, D]      text-only embeddings (what decode steps feed)
   decode(x, positions, mask, cache=None, write_index=None) -> (hidden [B, T, D], cache)
-      the decoder stack; cache is a list of per-layer {"k","v": [B, S, K, H]}.
+      the decoder stack; cache is a list of per-layer {"k","v": [B, K, S, H]} (S beside H: no transpose in decode).
   logits(hidden) -> [B, T, V] float32
   __call__(batch) -> logits [B, T, V]   (embed + decode without cache; init and parity)
   example_batch() -> dict of small numpy arrays for init / eval_shape

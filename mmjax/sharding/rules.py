@@ -51,7 +51,7 @@ AXIS_RULES: Mapping[str, Any] = {
     "V": "model",  # vocab
 }
 INDIVISIBLE_REPLICATED = frozenset("KB")
-CACHE_AXES = "BSKH"  # one layer's "k" / "v" in the generation state
+CACHE_AXES = "BKSH"  # one layer's "k" / "v" in the generation state
 
 
 def _mesh_axes(entry, mesh: Mesh) -> tuple[str, ...]:
@@ -159,7 +159,7 @@ def shard_batch(mesh: Mesh, batch: Mapping[str, Any], axis_rules: Mapping[str, A
 
 
 def state_shardings(mesh: Mesh, state, axis_rules: Mapping[str, Any] = AXIS_RULES):
-    """Shardings for the generation state (mmjax.generation.engine): cache leaves [B, S, K, H]
+    """Shardings for the generation state (mmjax.generation.engine): cache leaves [B, K, S, H]
     by CACHE_AXES, every other array by rows, scalars replicated. Works on abstract values."""
     def one(path, x):
         in_cache = any(getattr(p, "key", None) == "cache" for p in path)
