@@ -22,9 +22,7 @@ whose `.problems` lists them, each with the closest names/shapes as candidates.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -33,8 +31,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from converters.problems import Problem, closest as _closest, expected_sources as _expected_sources
+from converters.problems import raise_problems as _raise
 from converters.transforms import apply, identity, transform_name
 from mmjax.errors import ConversionError
+from mmjax.tree import flatten_params as flatten, unflatten_params as unflatten
 
 __all__ = ["Rule", "Problem", "Plan", "Step", "build_plan", "flatten", "unflatten", "resolve_dtype"]
 
@@ -148,64 +149,6 @@ def _compile(text: str) -> _Pattern:
 
 def _placeholders(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(m.group(1) for m in _TOKEN.finditer(text) if m.group(1)))
-
-
-# ---------------------------------------------------------------- problems
-
-_KINDS = ("ambiguous_source", "unmatched_source", "missing_source", "unknown_target",
-          "duplicate_target", "unfilled_target", "transform_error", "shape_mismatch")
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    kind: str          # one of _KINDS
-    name: str          # the source tensor or target path it is about
-    message: str
-    candidates: tuple[str, ...] = ()  # closest names, each "name (shape)"
-
-    def __str__(self) -> str:
-        s = self.message
-        if self.candidates:
-            s += "\n      closest: " + "; ".join(self.candidates)
-        return s
-
-
-def _norm(name: str) -> str:
-    return " ".join(re.split(r"[./_]+", name.lower()))
-
-
-def _closest(name: str, shape, pool: Mapping[str, tuple], k: int = 3) -> tuple[str, ...]:
-    """The k pool entries closest to `name` by name (difflib) and, as a bonus, element count."""
-    sm = difflib.SequenceMatcher(None, b=_norm(name), autojunk=False)  # b is preprocessed once
-    numel = math.prod(shape) if shape is not None else None
-
-    def bonus(cshape):
-        if numel is None or math.prod(cshape) != numel:
-            return 0.0
-        return 0.5 + (0.1 if sorted(cshape) == sorted(shape) else 0.0)
-
-    # quick_ratio bounds ratio from above and is cheap: rank by it, then score the best few exactly
-    rough = []
-    for cand, cshape in pool.items():
-        sm.set_seq1(_norm(cand))
-        rough.append((-(sm.quick_ratio() + bonus(cshape)), cand))
-    rough.sort()
-    exact = []
-    for _, cand in rough[:8 * k]:
-        sm.set_seq1(_norm(cand))
-        exact.append((-(sm.ratio() + bonus(pool[cand])), cand))
-    exact.sort()
-    return tuple(f"{c} {tuple(pool[c])}" for _, c in exact[:k])
-
-
-def _raise(problems: list[Problem], n_src: int, n_tgt: int, partial: "Plan | None" = None):
-    problems = sorted(problems, key=lambda p: _KINDS.index(p.kind))
-    lines = [f"cannot map {n_src} source tensors onto {n_tgt} parameters: {len(problems)} problem(s)"]
-    lines += [f"  - {p}" for p in problems]
-    err = ConversionError("\n".join(lines))
-    err.problems = problems
-    err.partial_plan = partial  # the steps that did check out, so --dry-run can still show them
-    raise err
 
 
 # ---------------------------------------------------------------- plan
@@ -412,7 +355,9 @@ def build_plan(sources: Mapping[str, tuple], rules: Sequence[Rule], targets: Map
                                 f"with Rule({n!r}, None))", cands))
     for i, t in enumerate(unfilled):
         cands = _closest(t, tshape[t], src_pool) if i < 64 else ()
-        problems.append(Problem("unfilled_target", t, f"{t} {tshape[t]}: no rule fills it", cands))
+        want = _expected_sources(t, rules) if i < 64 else []
+        why = f"; the rules expect it from {' or '.join(repr(w) for w in want[:4])}, not in the checkpoint" if want else ""
+        problems.append(Problem("unfilled_target", t, f"{t} {tshape[t]}: no rule fills it{why}", cands))
 
     # 4. every output shape, on shapes only
     problems += _check_shapes([s for s in steps if all(t in tshape for t in s.targets)], sources)
@@ -479,33 +424,3 @@ def _eval_shapes(step: Step, inputs) -> list[tuple] | str:
     if not hasattr(out, "shape"):
         return f"returned {type(out).__name__}, not one array"
     return [tuple(out.shape)]
-
-
-# ---------------------------------------------------------------- param trees
-
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": x}} -> {"a/b": x}. Leaves are anything that is not a Mapping."""
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, path + "/"))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-    """{"a/b": x} -> {"a": {"b": x}}."""
-    tree: dict = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConversionError(f"{path}: '{p}' is both a parameter and a parent of one")
-        if leaf in node:
-            raise ConversionError(f"{path}: given twice")
-        node[leaf] = v
-    return tree
