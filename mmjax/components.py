@@ -43,7 +43,7 @@ from mmjax.decoders.neox import NeoXConfig, NeoXDecoder
 from mmjax.errors import InputError
 from mmjax.kernels.attention import MaskSpec
 from mmjax.layers.mlp import MLP
-from mmjax.models.base import merge_at_tokens
+from mmjax.models.base import merge_at_tokens, prefill_logits
 from mmjax.preprocess.clip_image import CLIPImageProcessor
 from mmjax.preprocess.processor import VLMProcessor
 from mmjax.projectors.linear import LinearProjector, LinearProjectorConfig
@@ -270,12 +270,7 @@ class ComposedVLM(nn.Module):
         return self.decoder.logits(h)
 
     def __call__(self, batch):
-        x, positions, _ = self.embed(batch)
-        lengths = batch.get("lengths")
-        if lengths is None:
-            lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
-        h, _ = self.decode(x, positions, MaskSpec(causal=True, kv_lengths=lengths))
-        return self.logits(h)
+        return prefill_logits(self, batch)
 
     def example_batch(self):
         c, v = self.cfg, self.cfg.vision

@@ -20,9 +20,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmjax.kernels.attention import MaskSpec
+
 from mmjax.tree import flatten_params
 
-__all__ = ["param_shapes", "merge_at_tokens"]
+__all__ = ["param_shapes", "merge_at_tokens", "prefill_logits"]
 
 
 def param_shapes(module) -> dict:
@@ -42,3 +44,14 @@ def merge_at_tokens(text_embeds, features, token_mask):
     idx = jnp.clip(jnp.cumsum(flat_mask.astype(jnp.int32)) - 1, 0, features.shape[0] - 1)
     gathered = jnp.take(features.astype(text_embeds.dtype), idx, axis=0).reshape(B, T, D)
     return jnp.where(token_mask[..., None], gathered, text_embeds)
+
+
+def prefill_logits(module, batch):
+    """embed + decode without a cache -> logits [B, T, V]: a VLM's __call__ (init and parity).
+    batch["lengths"] [B] masks right padding (default: every token is real)."""
+    x, positions, _ = module.embed(batch)
+    lengths = batch.get("lengths")
+    if lengths is None:
+        lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
+    h, _ = module.decode(x, positions, MaskSpec(causal=True, kv_lengths=lengths))
+    return module.logits(h)

@@ -15,8 +15,7 @@ import numpy as np
 from mmjax.config import ClipVisionConfig, ConfigBase, LlamaConfig
 from mmjax.decoders.llama import LlamaDecoder
 from mmjax.errors import InputError
-from mmjax.kernels.attention import MaskSpec
-from mmjax.models.base import merge_at_tokens, param_shapes
+from mmjax.models.base import merge_at_tokens, param_shapes, prefill_logits
 from mmjax.projectors.mlp import MLPProjector
 from mmjax.registry import Family, register
 from mmjax.vision.clip import ClipVision
@@ -118,12 +117,7 @@ class Llava(nn.Module):
         return self.decoder.logits(h)
 
     def __call__(self, batch):
-        x, positions, _ = self.embed(batch)
-        lengths = batch.get("lengths")
-        if lengths is None:
-            lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
-        h, _ = self.decode(x, positions, MaskSpec(causal=True, kv_lengths=lengths))
-        return self.logits(h)
+        return prefill_logits(self, batch)
 
     def example_batch(self):
         c = self.cfg

@@ -27,8 +27,7 @@ from mmjax.bucketing import pick
 from mmjax.config import ConfigBase, LlamaConfig
 from mmjax.decoders.llama import LlamaDecoder
 from mmjax.errors import InputError
-from mmjax.kernels.attention import MaskSpec
-from mmjax.models.base import merge_at_tokens, param_shapes
+from mmjax.models.base import merge_at_tokens, param_shapes, prefill_logits
 from mmjax.registry import Family, register
 from mmjax.vision.qwen2vl import VISION_KEYS, Qwen2VLVision, Qwen2VLVisionConfig, vision_inputs
 
@@ -112,12 +111,7 @@ class Qwen2VL(nn.Module):
         return self.decoder.logits(h)
 
     def __call__(self, batch):
-        x, positions, _ = self.embed(batch)
-        lengths = batch.get("lengths")
-        if lengths is None:
-            lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
-        h, _ = self.decode(x, positions, MaskSpec(causal=True, kv_lengths=lengths))
-        return self.logits(h)
+        return prefill_logits(self, batch)
 
     def example_batch(self):
         """One image of one merge unit (grid 1 x m x m) between two text tokens."""

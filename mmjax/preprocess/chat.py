@@ -26,6 +26,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mmjax.errors import InputError, LoadError
+from mmjax.jsonfile import read_json
 
 IMAGE_MARKER = "<image>"
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -160,13 +161,6 @@ def render_chat_template(
         raise InputError(f"chat template: {e}") from e
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise LoadError(f"{path}: not valid JSON ({e})") from e
-
-
 def _template_from(value: Any, source: Path) -> str | None:
     """A chat_template entry: a string, or HF's list/dict of named templates ("default" wins)."""
     if value is None or isinstance(value, str):
@@ -192,12 +186,12 @@ def find_chat_template(folder: str | os.PathLike) -> str | None:
     folder = Path(folder)
     processor_config = folder / "processor_config.json"
     if processor_config.is_file():
-        data = _read_json(processor_config)
+        data = read_json(processor_config, want_object=False)
         if isinstance(data, dict) and (t := _template_from(data.get("chat_template"), processor_config)):
             return t
     legacy = folder / "chat_template.json"
     if legacy.is_file():
-        data = _read_json(legacy)
+        data = read_json(legacy, want_object=False)
         if isinstance(data, dict) and (t := _template_from(data.get("chat_template"), legacy)):
             return t
     jinja_file = folder / "chat_template.jinja"
@@ -208,7 +202,7 @@ def find_chat_template(folder: str | os.PathLike) -> str | None:
             raise LoadError(f"{jinja_file}: cannot read ({e})") from e
     tokenizer_config = folder / "tokenizer_config.json"
     if tokenizer_config.is_file():
-        data = _read_json(tokenizer_config)
+        data = read_json(tokenizer_config, want_object=False)
         if isinstance(data, dict):
             return _template_from(data.get("chat_template"), tokenizer_config)
     return None

@@ -24,7 +24,6 @@ match HF's processors bit for bit:
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 import warnings
@@ -36,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mmjax.errors import InputError, LoadError
+from mmjax.jsonfile import read_json
 
 # 64 megapixels: an 8000x8000 photo passes, a crafted 50000x50000 PNG (a few KB on disk, 7.5 GB
 # decoded) does not. Per call: load_image(x, max_pixels=...).
@@ -213,12 +213,7 @@ def read_image_processor_config(folder: str | os.PathLike) -> dict:
     for path in (flat, nested):
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise LoadError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(data, dict):
-            raise LoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json(path)
         if path == nested:
             if not isinstance(data.get("image_processor"), dict):
                 continue

@@ -21,7 +21,6 @@ the vocabulary, which can differ from tokenizer.json for unusual checkpoints.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,20 +31,11 @@ import tokenizers
 from tokenizers import AddedToken
 
 from mmjax.errors import InputError, LoadError
+from mmjax.jsonfile import read_json
 from mmjax.preprocess.chat import find_chat_template, render_chat_template
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise LoadError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise LoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _token_content(value: Any, where: str) -> str | None:
@@ -68,7 +58,7 @@ def _eos_ids_from_generation_config(folder: Path) -> list[int]:
     path = folder / "generation_config.json"
     if not path.is_file():
         return []
-    value = _read_json(path).get("eos_token_id")
+    value = read_json(path).get("eos_token_id")
     if value is None:
         return []
     values = value if isinstance(value, list) else [value]
@@ -113,10 +103,10 @@ class Tokenizer:
         backend.no_padding()
 
         config_path = folder / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
         legacy_path = folder / "special_tokens_map.json"
         if "added_tokens_decoder" not in config and legacy_path.is_file():
-            config = {**config, **_read_json(legacy_path)}  # HF lets the legacy map override
+            config = {**config, **read_json(legacy_path)}  # HF lets the legacy map override
 
         # Tokens the config lists with explicit ids/flags but tokenizer.json lacks.
         decoder = config.get("added_tokens_decoder") or {}
