@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     out = mmjax.generate(model, [image], prompt, max_new_tokens=args.max_new_tokens)
     print(f"   second call (compiled): prefill {out.timings['prefill_s'] * 1e3:.1f} ms, "
           f"{out.timings['decode_tok_s']:.0f} tokens/s")
-    print(f"   text: {out.text!r}")
+    print(f"   text: {out.text!r}  (random weights: noise, but HF's noise exactly, see 5.)")
 
     inputs = model.preprocess([image], prompt)
     with torch.no_grad():
