@@ -267,7 +267,7 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
         raise InputError(f"stop_token_ids: at most {MAX_STOP_IDS} stop tokens, got {len(stops)}")
     stop_arr = jnp.asarray(stops + [-1] * (MAX_STOP_IDS - len(stops)), jnp.int32)
     M = pick(max_new_tokens, model.buckets.new_tokens, "max_new_tokens")
-    cache_len = Tb + M
+    cache_len = model.buckets.cache_length(int(lengths.max()), max_new_tokens)  # = Tb + M
     key = jax.random.PRNGKey(seed)
     args = (sp.arrays(), stop_arr, jnp.int32(min_new_tokens), jnp.int32(max_new_tokens), key)
     t1 = time.perf_counter()

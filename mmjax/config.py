@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
 
 __all__ = ["ConfigBase", "RopeConfig", "LlamaConfig", "ClipVisionConfig"]
 
@@ -176,7 +175,3 @@ class ClipVisionConfig(ConfigBase):
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-
-def hf_get(d: dict, key: str, default: Any = None) -> Any:
-    return d[key] if key in d and d[key] is not None else default
