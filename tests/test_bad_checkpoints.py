@@ -294,7 +294,7 @@ def test_unwritable_output_fails_before_any_read(llava, tmp_path, capsys, monkey
 class _FullDiskCheckpointer:
     """Stands in for orbax: writes part of the checkpoint, then the disk is full."""
 
-    def save(self, path, tree):
+    def save(self, path, tree, *, save_args=None):  # orbax StandardCheckpointer.save's signature
         os.makedirs(os.path.join(path, "d"))
         with open(os.path.join(path, "d", "chunk"), "wb") as f:
             f.write(b"\0" * 1000)
