@@ -174,6 +174,22 @@ def test_xla_path_matches_reference(name, dtype):
     assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[dtype]
 
 
+# The cache path ("BKSH", one query) computes probs @ V as a multiply + reduce instead of a
+# dot (mmjax/kernels/attention.py); it must agree with the reference like the dot path does.
+@pytest.mark.parametrize("B,G,trivial", [(1, 1, False), (3, 3, False), (2, 2, True)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_cache_path_single_query(B, G, trivial, dtype):
+    S, K, H = 70, 2, 64
+    q, k, v = qkv(B, 1, S, K * G, K, H, dtype, seed=11)
+    lengths = jnp.array([70, 33, 1][:B])
+    mask = MaskSpec() if trivial else MaskSpec(causal=True, kv_lengths=lengths, q_offset=lengths - 1)
+    cache_attention = jax.jit(attention_module.attention, static_argnames=("impl", "kv_layout"))
+    out = cache_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, impl="xla", kv_layout="BKSH")
+    assert out.dtype == dtype and out.shape == q.shape
+    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[dtype]
+    assert max_err(out, attention(q, k, v, mask, impl="xla")) <= TOL[dtype]  # = the BSKH dot path
+
+
 def test_xla_path_matches_hf_eager():
     torch = pytest.importorskip("torch")
     from transformers.models.llama.modeling_llama import eager_attention_forward

@@ -2,8 +2,13 @@
 (e.g. q projection kernel "DNH"), so converter transforms and sharding rules can name axes."""
 from __future__ import annotations
 
+import functools
+import math
+
 import flax.linen as nn
 import jax.numpy as jnp
+
+from mmjax.kernels import cpu_gemv
 
 __all__ = ["Einsum", "Embed"]
 
@@ -24,7 +29,14 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = self.param("kernel", nn.initializers.normal(0.02), self.shape, self.dtype)
-        if self.flatten_contraction:
+        c = _row_matmul_split(self.eqn, x.ndim, self.flatten_contraction)
+        if c is not None and cpu_gemv.use_for(math.prod(x.shape[: x.ndim - c]), self.dtype):
+            # One row against the whole kernel (a batch-1 decode step): the streaming kernel.
+            lead = x.shape[: x.ndim - c]
+            k_in = math.prod(self.shape[:c])
+            y = cpu_gemv.gemv(x.astype(self.dtype).reshape(1, k_in), w.astype(self.dtype).reshape(k_in, -1))
+            y = y.reshape(*lead, *self.shape[c:])
+        elif self.flatten_contraction:
             n = len(self.shape) - 1
             lead = x.shape[: x.ndim - n]
             y = jnp.einsum("...E,ED->...D", x.astype(self.dtype).reshape(*lead, -1),
@@ -35,6 +47,22 @@ class Einsum(nn.Module):
             b = self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
             y = y + b.astype(self.dtype)
         return y
+
+
+@functools.lru_cache(maxsize=None)
+def _row_matmul_split(eqn: str, x_ndim: int, flatten_contraction: bool) -> int | None:
+    """c when `eqn` is x[..., c contracted axes] . w[same c axes, out axes] -> [..., out axes]
+    (so x and w reshape, without a copy, to [rows, K] and [K, N]); None otherwise."""
+    ins, out = eqn.replace(" ", "").split("->")
+    xs, ws = ins.split(",")
+    if flatten_contraction:
+        return len(ws) - 1
+    contracted = [a for a in ws if a in xs and a not in out]
+    c = len(contracted)
+    if c == 0 or xs.startswith("...") or len(xs) != x_ndim:
+        return None
+    ok = xs[-c:] == ws[:c] and out == xs[:-c] + ws[c:]
+    return c if ok else None
 
 
 class Embed(nn.Module):

@@ -1,0 +1,83 @@
+"""The CPU decode matmul kernel (mmjax/kernels/cpu_gemv.cc) against its reference, and the
+one place that routes products to it (mmjax.layers.linear.Einsum)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.kernels import cpu_gemv
+from mmjax.layers.linear import Einsum, _row_matmul_split
+
+
+def rand(*shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def test_builds_here():
+    # CI must have what the kernel needs; a user without a compiler gets XLA's dot and a warning.
+    assert cpu_gemv.available(), cpu_gemv._state.get("error")
+
+
+# K not a multiple of the 4-row step, N not a multiple of 16 or of the per-thread block,
+# N below the 64-column minimum block, and the benchmark's shapes.
+@pytest.mark.parametrize("K,N", [(768, 2048), (770, 1000), (5, 17), (2048, 768), (3, 64), (768, 32000)])
+def test_matches_reference(K, N):
+    x, w = rand(1, K, seed=1), rand(K, N, seed=2)
+    out = jax.jit(cpu_gemv.gemv)(x, w)
+    ref = cpu_gemv.gemv_reference(x, w)
+    # float32 sums of K products in another order: |error| <= K * eps * max|partial sum|
+    tol = K * 1.2e-7 * float(jnp.max(jnp.abs(ref))) + 1e-6
+    assert out.shape == (1, N) and out.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(out - ref))) <= tol
+
+
+def test_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="x \\[1, K\\]"):
+        cpu_gemv.gemv(rand(2, 8), rand(8, 4))
+    with pytest.raises(ValueError, match="float32 only"):
+        cpu_gemv.gemv(rand(1, 8).astype(jnp.bfloat16), rand(8, 4).astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("eqn,x_ndim,flat,expected", [
+    ("BTD,DNH->BTNH", 3, False, 1),  # q / k / v projections
+    ("BTNH,NHD->BTD", 4, True, 2),  # o projection, flattened contraction
+    ("BTD,DF->BTF", 3, False, 1),  # MLP, untied head
+    ("BTD,VD->BTV", 3, False, None),  # tied head: kernel is [out, in]
+    ("BTD,DNH->BNTH", 3, False, None),  # output axes reordered
+])
+def test_which_einsums_qualify(eqn, x_ndim, flat, expected):
+    assert _row_matmul_split(eqn, x_ndim, flat) == expected
+
+
+def lowered_text(layer, *args):
+    # A fresh function each time: jit caches traces per function, and the choice is made
+    # when tracing.
+    return jax.jit(lambda p, x: layer.apply(p, x)).lower(*args).as_text()
+
+
+def test_einsum_routes_one_row_only(monkeypatch):
+    layer = Einsum((64, 4, 16), "BTD,DNH->BTNH")
+    params = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 1, 64)))
+    one, two = rand(1, 1, 64, seed=3), rand(2, 1, 64, seed=4)
+    assert cpu_gemv.TARGET in lowered_text(layer, params, one)
+    assert cpu_gemv.TARGET not in lowered_text(layer, params, two)  # batch 2: XLA's dot
+    with cpu_gemv.disabled():  # what the engine does under a mesh
+        assert cpu_gemv.TARGET not in lowered_text(layer, params, one)
+    monkeypatch.setenv("MMJAX_CPU_GEMV", "0")
+    assert cpu_gemv.TARGET not in lowered_text(layer, params, one)
+    xla = jax.jit(lambda p, x: layer.apply(p, x))(params, one)
+    monkeypatch.delenv("MMJAX_CPU_GEMV")
+    kernel = jax.jit(lambda p, x: layer.apply(p, x))(params, one)
+    assert kernel.shape == (1, 1, 4, 16)
+    assert float(jnp.max(jnp.abs(kernel - xla))) <= 1e-5
+
+
+def test_o_projection_with_bias_matches_einsum():
+    layer = Einsum((4, 16, 32), "BTNH,NHD->BTD", (32,), flatten_contraction=True)
+    x = rand(1, 1, 4, 16, seed=5)
+    params = layer.init(jax.random.PRNGKey(1), x)
+    params = jax.tree_util.tree_map(lambda a: a + 0.1, params)  # a nonzero bias
+    out = jax.jit(lambda p, x: layer.apply(p, x))(params, x)
+    k, b = params["params"]["kernel"], params["params"]["bias"]
+    ref = jnp.einsum("BTNH,NHD->BTD", x, k, precision=jax.lax.Precision.HIGHEST) + b
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
