@@ -81,3 +81,10 @@ def test_o_projection_with_bias_matches_einsum():
     k, b = params["params"]["kernel"], params["params"]["bias"]
     ref = jnp.einsum("BTNH,NHD->BTD", x, k, precision=jax.lax.Precision.HIGHEST) + b
     assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
+
+
+def test_under_vmap():
+    xs, w = rand(3, 1, 40, seed=6), rand(40, 24, seed=7)
+    out = jax.jit(jax.vmap(cpu_gemv.gemv, in_axes=(0, None)))(xs, w)
+    ref = jnp.stack([cpu_gemv.gemv_reference(x, w) for x in xs])
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-4

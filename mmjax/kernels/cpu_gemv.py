@@ -136,4 +136,6 @@ def gemv(x, w):
         raise ValueError(f"gemv: float32 only, got {x.dtype} and {w.dtype}")
     if _load() is None:
         raise RuntimeError(f"gemv: kernel unavailable ({_state.get('error')})")
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((1, w.shape[1]), jnp.float32))(x, w)
+    # Under vmap (a user's own composition) the call runs once per batch element.
+    out = jax.ShapeDtypeStruct((1, w.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
