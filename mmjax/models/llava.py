@@ -18,6 +18,7 @@ from mmjax.errors import InputError
 from mmjax.models.base import merge_at_tokens, param_shapes, prefill_logits
 from mmjax.projectors.mlp import MLPProjector
 from mmjax.registry import Family, register
+from mmjax.sharding.rules import block_rules
 from mmjax.vision.clip import ClipVision
 
 __all__ = ["LlavaConfig", "Llava", "FAMILY"]
@@ -168,24 +169,11 @@ def _sharding(cfg: LlavaConfig) -> list:
     all-reduces per layer), embedding and lm_head over V. The vision tower is split the same
     way (measured against replicated: docs/sharding.md); the projector, norms, patch and
     position embeddings are small and replicated."""
-    dec, vis = r"decoder/layers_\d+", r"vision/layers_\d+"
     return [
         (r"decoder/embed/embedding", "VD"),
         (r"decoder/lm_head/kernel", "DV"),
-        (rf"{dec}/attn/q/kernel", "DNH"),
-        (rf"{dec}/attn/q/bias", "NH"),
-        (rf"{dec}/attn/[kv]/kernel", "DKH"),
-        (rf"{dec}/attn/[kv]/bias", "KH"),
-        (rf"{dec}/attn/o/kernel", "NHD"),
-        (rf"{dec}/mlp/(gate|up)/kernel", "DF"),
-        (rf"{dec}/mlp/(gate|up)/bias", "F"),
-        (rf"{dec}/mlp/down/kernel", "FD"),
-        (rf"{vis}/attn/[qkv]/kernel", "DNH"),  # CLIP has no GQA: k/v have N heads too
-        (rf"{vis}/attn/[qkv]/bias", "NH"),
-        (rf"{vis}/attn/o/kernel", "NHD"),
-        (rf"{vis}/mlp/fc1/kernel", "DF"),
-        (rf"{vis}/mlp/fc1/bias", "F"),
-        (rf"{vis}/mlp/fc2/kernel", "FD"),
+        *block_rules(r"decoder/layers_\d+"),
+        *block_rules(r"vision/layers_\d+", kv="N"),  # CLIP has no GQA: k/v have N heads too
         (r".*", None),
     ]
 

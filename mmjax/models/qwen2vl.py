@@ -29,6 +29,7 @@ from mmjax.decoders.llama import LlamaDecoder
 from mmjax.errors import InputError
 from mmjax.models.base import merge_at_tokens, param_shapes, prefill_logits
 from mmjax.registry import Family, register
+from mmjax.sharding.rules import block_rules
 from mmjax.vision.qwen2vl import VISION_KEYS, Qwen2VLVision, Qwen2VLVisionConfig, vision_inputs
 
 __all__ = ["Qwen2VLConfig", "Qwen2VL", "mrope_positions", "model_inputs", "FAMILY", "FAMILY_2_5"]
@@ -254,23 +255,11 @@ def _sharding(cfg: Qwen2VLConfig) -> list:
     Decoder and vision blocks: Megatron split (q/k/v and gate/up/fc1 by heads / F columns; o and
     down/fc2 by rows). The merger's fc1/fc2 are split the same way; norms and the patch embedding
     are small and replicated."""
-    dec, vis = r"decoder/layers_\d+", r"vision/layers_\d+"
     return [
         (r"decoder/embed/embedding", "VD"),
         (r"decoder/lm_head/kernel", "DV"),
-        (rf"{dec}/attn/q/kernel", "DNH"),
-        (rf"{dec}/attn/q/bias", "NH"),
-        (rf"{dec}/attn/[kv]/kernel", "DKH"),
-        (rf"{dec}/attn/[kv]/bias", "KH"),
-        (rf"{dec}/attn/o/kernel", "NHD"),
-        (rf"{dec}/mlp/(gate|up)/kernel", "DF"),
-        (rf"{dec}/mlp/down/kernel", "FD"),
-        (rf"{vis}/attn/[qkv]/kernel", "DNH"),  # no GQA in the vision tower
-        (rf"{vis}/attn/[qkv]/bias", "NH"),
-        (rf"{vis}/attn/o/kernel", "NHD"),
-        (rf"{vis}/mlp/(gate|up|fc1)/kernel", "DF"),
-        (rf"{vis}/mlp/(gate|up|fc1)/bias", "F"),
-        (rf"{vis}/mlp/(down|fc2)/kernel", "FD"),
+        *block_rules(r"decoder/layers_\d+"),
+        *block_rules(r"vision/layers_\d+", kv="N"),  # no GQA in the vision tower
         (r"vision/merger/mlp/fc1/kernel", "DF"),
         (r"vision/merger/mlp/fc1/bias", "F"),
         (r"vision/merger/mlp/fc2/kernel", "FD"),

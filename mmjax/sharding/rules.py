@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mmjax.errors import MmjaxError
 from mmjax.tree import flatten_params, unflatten_params
 
-__all__ = ["AXIS_RULES", "INDIVISIBLE_REPLICATED", "ShardingError", "logical_to_spec", "param_specs",
+__all__ = ["AXIS_RULES", "INDIVISIBLE_REPLICATED", "ShardingError", "block_rules", "logical_to_spec", "param_specs",
            "param_shardings", "shard_params", "batch_sharding", "shard_batch", "state_shardings",
            "CACHE_AXES", "to_host"]
 
@@ -89,6 +89,23 @@ def logical_to_spec(name: str, shape: Sequence[int], axes, mesh: Mesh,
     while spec and spec[-1] is None:
         spec.pop()
     return PartitionSpec(*spec)
+
+
+def block_rules(prefix: str, kv: str = "K") -> list:
+    """Megatron split of the transformer blocks under `prefix` (a path regex, e.g.
+    r"decoder/layers_\\d+"): q/k/v and gate/up/fc1 by heads / F columns, o and down/fc2 by rows
+    (two all-reduces per block). `kv` is the k/v head letter: "K" for GQA decoders, "N" for
+    towers whose k/v have every head."""
+    return [
+        (rf"{prefix}/attn/q/kernel", "DNH"),
+        (rf"{prefix}/attn/q/bias", "NH"),
+        (rf"{prefix}/attn/[kv]/kernel", f"D{kv}H"),
+        (rf"{prefix}/attn/[kv]/bias", f"{kv}H"),
+        (rf"{prefix}/attn/o/kernel", "NHD"),
+        (rf"{prefix}/mlp/(gate|up|fc1)/kernel", "DF"),
+        (rf"{prefix}/mlp/(gate|up|fc1)/bias", "F"),
+        (rf"{prefix}/mlp/(down|fc2)/kernel", "FD"),
+    ]
 
 
 def _compile(rules, family_name: str):
