@@ -11,14 +11,19 @@ import os
 
 import jax
 
-__all__ = ["default_dir", "enable", "enabled_by_env"]
+__all__ = ["cache_root", "default_dir", "enable", "enabled_by_env"]
 
 _enabled_dir: str | None = None
 
 
-def default_dir() -> str:
+def cache_root() -> str:
+    """$XDG_CACHE_HOME/mmjax (default ~/.cache/mmjax): where mmjax keeps what it builds."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("MMJAX_COMPILE_CACHE_DIR") or os.path.join(base, "mmjax", "jax")
+    return os.path.join(base, "mmjax")
+
+
+def default_dir() -> str:
+    return os.environ.get("MMJAX_COMPILE_CACHE_DIR") or os.path.join(cache_root(), "jax")
 
 
 def enabled_by_env() -> bool:

@@ -29,6 +29,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from mmjax.compile_cache import cache_root
+
 __all__ = ["available", "build", "disabled", "gemv", "gemv_reference", "use_for"]
 
 TARGET = "mmjax_gemv_f32"
@@ -42,11 +44,6 @@ _local = threading.local()  # .off: tracing under disabled()
 def gemv_reference(x, w):
     """float32 reference: x [1, K] @ w [K, N] at full precision."""
     return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-
-
-def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mmjax", "kernels")
 
 
 def _cpu_features() -> str:
@@ -73,7 +70,7 @@ def build(cache_dir: str | None = None) -> str:
     # by machines of different kinds).
     key = hashlib.sha256(source + " ".join([cxx, *FLAGS, jaxlib.__version__, _cpu_features()]).encode())
     key = key.hexdigest()[:16]
-    folder = cache_dir or _cache_dir()
+    folder = cache_dir or os.path.join(cache_root(), "kernels")
     path = os.path.join(folder, f"cpu_gemv-{key}.so")
     if os.path.exists(path):
         return path
