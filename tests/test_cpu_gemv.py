@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.kernels import cpu_gemv
+from mmjax.kernels import cpu_ffi, cpu_gemv
 from mmjax.layers.linear import Einsum, _row_matmul_split
 
 
@@ -15,25 +15,37 @@ def rand(*shape, seed=0):
 
 def test_builds_here():
     # CI must have what the kernel needs; a user without a compiler gets XLA's dot and a warning.
-    assert cpu_gemv.available(), cpu_gemv._state.get("error")
+    assert cpu_gemv.available(), cpu_ffi.error()
 
 
-# K not a multiple of the 4-row step, N not a multiple of 16 or of the per-thread block,
-# N below the 64-column minimum block, and the benchmark's shapes.
-@pytest.mark.parametrize("K,N", [(768, 2048), (770, 1000), (5, 17), (2048, 768), (3, 64), (768, 32000)])
-def test_matches_reference(K, N):
-    x, w = rand(1, K, seed=1), rand(K, N, seed=2)
+def check(M, K, N):
+    x, w = rand(M, K, seed=1), rand(K, N, seed=2)
     out = jax.jit(cpu_gemv.gemv)(x, w)
     ref = cpu_gemv.gemv_reference(x, w)
     # float32 sums of K products in another order: |error| <= K * eps * max|partial sum|
     tol = K * 1.2e-7 * float(jnp.max(jnp.abs(ref))) + 1e-6
-    assert out.shape == (1, N) and out.dtype == jnp.float32
+    assert out.shape == (M, N) and out.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(out - ref))) <= tol
 
 
+# K not a multiple of the 4- or 8-row steps, N not a multiple of 16 or 32 or of the per-thread
+# block, N below the 64-column minimum block, N over the 1024-column accumulator block, and the
+# benchmark's shapes; one row (its own loop) and eight (the largest the engine sends).
+@pytest.mark.parametrize("M", [1, 8])
+@pytest.mark.parametrize("K,N", [(768, 2048), (770, 1000), (5, 17), (2048, 768), (3, 64), (768, 32000)])
+def test_matches_reference(M, K, N):
+    check(M, K, N)
+
+
+# Every row count has its own unrolled kernel; 9 and 17 run in groups of 8.
+@pytest.mark.parametrize("M", [2, 3, 4, 5, 6, 7, 9, 17])
+def test_every_row_count(M):
+    check(M, 771, 1000)
+
+
 def test_rejects_what_it_cannot_do():
-    with pytest.raises(ValueError, match="x \\[1, K\\]"):
-        cpu_gemv.gemv(rand(2, 8), rand(8, 4))
+    with pytest.raises(ValueError, match="x \\[M, K\\]"):
+        cpu_gemv.gemv(rand(2, 8), rand(9, 4))
     with pytest.raises(ValueError, match="float32 only"):
         cpu_gemv.gemv(rand(1, 8).astype(jnp.bfloat16), rand(8, 4).astype(jnp.bfloat16))
 
@@ -55,12 +67,18 @@ def lowered_text(layer, *args):
     return jax.jit(lambda p, x: layer.apply(p, x)).lower(*args).as_text()
 
 
-def test_einsum_routes_one_row_only(monkeypatch):
+def test_einsum_routes_decode_rows_only(monkeypatch):
     layer = Einsum((64, 4, 16), "BTD,DNH->BTNH")
     params = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 1, 64)))
     one, two = rand(1, 1, 64, seed=3), rand(2, 1, 64, seed=4)
     assert cpu_gemv.TARGET in lowered_text(layer, params, one)
-    assert cpu_gemv.TARGET not in lowered_text(layer, params, two)  # batch 2: XLA's dot
+    assert cpu_gemv.TARGET in lowered_text(layer, params, two)  # a batch-2 decode step
+    eight, nine = rand(8, 1, 64, seed=8), rand(3, 3, 64, seed=9)
+    assert cpu_gemv.TARGET in lowered_text(layer, params, eight)
+    assert cpu_gemv.TARGET not in lowered_text(layer, params, nine)  # 9 rows: XLA's GEMM
+    out = jax.jit(lambda p, x: layer.apply(p, x))(params, eight)
+    ref = jnp.einsum("BTD,DNH->BTNH", eight, params["params"]["kernel"], precision=jax.lax.Precision.HIGHEST)
+    assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
     with cpu_gemv.disabled():  # what the engine does under a mesh
         assert cpu_gemv.TARGET not in lowered_text(layer, params, one)
     monkeypatch.setenv("MMJAX_CPU_GEMV", "0")

@@ -19,16 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.generation.sampling import select_token
-from mmjax.kernels import cpu_gemv
+from mmjax.kernels import cpu_ffi
 from mmjax.kernels.attention import MaskSpec
 
 __all__ = ["Engine"]
 
 
-def _without_cpu_gemv(f):
+def _without_cpu_kernels(f):
     @functools.wraps(f)
     def traced(*args, **kwargs):
-        with cpu_gemv.disabled():
+        with cpu_ffi.disabled():
             return f(*args, **kwargs)
     return traced
 
@@ -47,7 +47,7 @@ class Engine:
         self.module = module
         self.state_sharding = state_sharding
         # A custom call has no sharding rule: programs partitioned over a mesh keep XLA's dot.
-        trace = _without_cpu_gemv if state_sharding is not None else (lambda f: f)
+        trace = _without_cpu_kernels if state_sharding is not None else (lambda f: f)
         self.prefill = jax.jit(trace(self._prefill), static_argnames=("cache_len", "max_new", "greedy"))
         self.decode_step = jax.jit(trace(self._decode_step), static_argnames=("greedy",), donate_argnums=(1,))
         self.forward = jax.jit(trace(self._forward))

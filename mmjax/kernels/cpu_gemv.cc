@@ -1,14 +1,22 @@
-// Matrix-vector product for XLA:CPU decode steps: y[1, N] = x[1, K] @ w[K, N], float32.
+// Small-batch matrix product for XLA:CPU decode steps: y[M, N] = x[M, K] @ w[K, N], float32,
+// M = 1..8 rows (one row per sequence of a decode batch).
 //
-// Why: a batch-1 decode step multiplies one row by every weight matrix, so it is bound by how
-// fast the weights stream from memory. XLA:CPU emits these products as single-threaded loops
-// (12-17 GB/s on the 2-core benchmark machine, which streams ~25 GB/s with both cores). This
-// kernel streams w once, row-major as stored, with the columns split over XLA's own intra-op
-// thread pool (docs/kernels.md, "CPU decode matmul"; 25-27 GB/s in a standalone test).
+// Why: a decode step multiplies a few rows by every weight matrix, so it is bound by how fast
+// the weights stream from memory. XLA:CPU emits [1, K] x [K, N] as a single-threaded loop (12-17
+// GB/s on the 2-core benchmark machine, which streams ~25 GB/s with both cores) and [8, K] x
+// [K, N] through a GEMM at 7-11 GB/s. This kernel streams w once, row-major as stored, with the
+// columns split over XLA's own intra-op thread pool (docs/kernels.md, "CPU decode matmul").
 //
-// Loop order: for each column chunk [n0, n1), for k in steps of 4 rows,
+// One row (Columns): for each column chunk [n0, n1), for k in steps of 4 rows,
 // y[n0:n1] += x[k] w[k] + x[k+1] w[k+1] + x[k+2] w[k+2] + x[k+3] w[k+3]: four sequential row
 // streams of w, y's chunk stays in L1. The compiler vectorises the inner loop (__restrict__).
+//
+// 2..8 rows (Rows<M>): the same order, 8 rows of w at a time, over column blocks of kBlock;
+// the M x kBlock accumulator block lives in L1 and each step of the inner loop keeps 2 vectors
+// x M rows of it in registers across the 8 w rows (w loaded once, used M times). The block's row
+// stride is not a multiple of 4 KiB: rows of y 4 KiB apart make each load of one row wait on the
+// stores of another (4K aliasing), which halved the rate when the block was y itself.
+// More than 8 rows run 8 at a time (w streams once per 8 rows); the engine sends at most 8.
 //
 // Threading: the caller and helper tasks scheduled on the XLA pool claim column blocks from
 // an atomic counter. The caller only waits for chunks a running thread has claimed, so a busy
@@ -50,18 +58,90 @@ void Columns(const float* __restrict__ x, const float* __restrict__ w, float* __
   }
 }
 
+// One vector of floats (512 bits; the compiler splits it where the CPU has narrower ones).
+typedef float Vec __attribute__((vector_size(kVec * 4)));
+typedef float VecU __attribute__((vector_size(kVec * 4), aligned(4)));  // unaligned access
+inline Vec Load(const float* p) { return *reinterpret_cast<const VecU*>(p); }
+
+constexpr int64_t kMaxRows = 8;
+constexpr int64_t kBlock = 1024;         // columns per accumulator block
+constexpr int64_t kLd = kBlock + kVec;   // its row stride: 4160 bytes, not a multiple of 4 KiB
+constexpr int kGroup = 8;                // rows of w per pass over the block
+
+// y[0:M, n0:n1] = x[0:M] @ w[:, n0:n1]; x is [M, K] and y [M, N], row-major.
+template <int M>
+void Rows(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+          int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  alignas(64) static thread_local float acc[kMaxRows * kLd];
+  for (int64_t b0 = n0; b0 < n1; b0 += kBlock) {
+    const int64_t len = std::min(n1, b0 + kBlock) - b0, lv = len / kVec * kVec;
+    for (int m = 0; m < M; ++m) std::memset(acc + m * kLd, 0, len * sizeof(float));
+    int64_t k = 0;
+    for (; k + kGroup <= K; k += kGroup) {
+      const float* wk = w + k * N + b0;
+      float a[M][kGroup];
+      for (int m = 0; m < M; ++m)
+        for (int g = 0; g < kGroup; ++g) a[m][g] = x[m * K + k + g];
+      int64_t n = 0;
+      for (; n + 2 * kVec <= lv; n += 2 * kVec) {
+        Vec t0[M], t1[M];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          t0[m] = *reinterpret_cast<Vec*>(acc + m * kLd + n);
+          t1[m] = *reinterpret_cast<Vec*>(acc + m * kLd + n + kVec);
+        }
+#pragma GCC unroll 8
+        for (int g = 0; g < kGroup; ++g) {
+          const Vec w0 = Load(wk + g * N + n), w1 = Load(wk + g * N + n + kVec);
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m) {
+            t0[m] += a[m][g] * w0;
+            t1[m] += a[m][g] * w1;
+          }
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          *reinterpret_cast<Vec*>(acc + m * kLd + n) = t0[m];
+          *reinterpret_cast<Vec*>(acc + m * kLd + n + kVec) = t1[m];
+        }
+      }
+      for (; n < len; ++n)  // the last < 2 vectors of the block
+        for (int m = 0; m < M; ++m) {
+          float s = 0;
+          for (int g = 0; g < kGroup; ++g) s += a[m][g] * wk[g * N + n];
+          acc[m * kLd + n] += s;
+        }
+    }
+    for (; k < K; ++k) {  // K % 8 leftover rows of w
+      const float* wk = w + k * N + b0;
+      for (int m = 0; m < M; ++m) {
+        const float a = x[m * K + k];
+        for (int64_t n = 0; n < len; ++n) acc[m * kLd + n] += a * wk[n];
+      }
+    }
+    for (int m = 0; m < M; ++m) std::memcpy(y + m * N + b0, acc + m * kLd, len * sizeof(float));
+  }
+}
+
+using ColumnsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+// kColumns[m]: the kernel for m rows (1 <= m <= kMaxRows).
+constexpr ColumnsFn kColumns[kMaxRows + 1] = {nullptr, Columns, Rows<2>, Rows<3>, Rows<4>,
+                                               Rows<5>, Rows<6>, Rows<7>, Rows<8>};
+
 struct Work {
   const float* x;
   const float* w;
   float* y;
-  int64_t K, N, chunk, chunks;
+  int64_t M, K, N, chunk, chunks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
   void Run() {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       const int64_t n0 = c * chunk;
-      Columns(x, w, y, K, N, n0, std::min(N, n0 + chunk));
+      const int64_t n1 = std::min(N, n0 + chunk);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)  // more than 8 rows: 8 at a time
+        kColumns[std::min(kMaxRows, M - m0)](x + m0 * K, w, y + m0 * N, K, N, n0, n1);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -70,12 +150,13 @@ struct Work {
 ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[0] != 1 || xd[1] != wd[0])
-    return ffi::Error::InvalidArgument("mmjax_gemv_f32: expects x [1, K] and w [K, N]");
+  if (xd.size() != 2 || wd.size() != 2 || xd[0] < 1 || xd[1] != wd[0])
+    return ffi::Error::InvalidArgument("mmjax_gemv_f32: expects x [M, K] and w [K, N]");
   auto work = std::make_shared<Work>();  // shared: a late helper task may still hold it
   work->x = x.typed_data();
   work->w = w.typed_data();
   work->y = y->typed_data();
+  work->M = xd[0];
   work->K = wd[0];
   work->N = wd[1];
   const int64_t N = wd[1];

@@ -31,10 +31,10 @@ class Einsum(nn.Module):
         w = self.param("kernel", nn.initializers.normal(0.02), self.shape, self.dtype)
         c = _row_matmul_split(self.eqn, x.ndim, self.flatten_contraction)
         if c is not None and cpu_gemv.use_for(math.prod(x.shape[: x.ndim - c]), self.dtype):
-            # One row against the whole kernel (a batch-1 decode step): the streaming kernel.
+            # A few rows against the whole kernel (a decode step): the streaming kernel.
             lead = x.shape[: x.ndim - c]
             k_in = math.prod(self.shape[:c])
-            y = cpu_gemv.gemv(x.astype(self.dtype).reshape(1, k_in), w.astype(self.dtype).reshape(k_in, -1))
+            y = cpu_gemv.gemv(x.astype(self.dtype).reshape(-1, k_in), w.astype(self.dtype).reshape(k_in, -1))
             y = y.reshape(*lead, *self.shape[c:])
         elif self.flatten_contraction:
             n = len(self.shape) - 1

@@ -1,0 +1,121 @@
+"""Build and register mmjax's CPU kernels (XLA FFI custom calls written in C++).
+
+The sources below are compiled together with the system C++ compiler on first use into one
+shared library in the mmjax cache folder, keyed by the sources, the compiler command, jaxlib's
+version and the CPU's features (`-march=native`), and their handlers are registered with XLA
+once per process. If the library cannot be built (no compiler) mmjax warns once and every
+kernel's `use_for` says no: XLA's own ops run instead, slower, same math.
+
+`disabled()` turns every CPU kernel off while tracing: the engine traces programs partitioned
+over a mesh under it (a custom call has no sharding rule).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+
+import jax
+
+from mmjax.compile_cache import cache_root
+
+__all__ = ["SOURCES", "TARGETS", "build", "disabled", "is_disabled", "load", "off_by_env"]
+
+_HERE = os.path.dirname(__file__)
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("cpu_gemv.cc", "cpu_decode_attention.cc"))
+# XLA target name -> the handler symbol the library exports.
+TARGETS = {"mmjax_gemv_f32": "MmjaxGemvF32", "mmjax_decode_attention_f32": "MmjaxDecodeAttentionF32"}
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_lock = threading.Lock()
+_state: dict = {}  # "lib": ctypes.CDLL | None, "error": str
+_local = threading.local()  # .off: tracing under disabled()
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        import platform
+
+        return platform.machine() + platform.processor()
+
+
+def build(cache_dir: str | None = None) -> str:
+    """Compile SOURCES into one library unless already built; returns its path.
+    Raises RuntimeError with the compiler's command and output when that fails."""
+    import jaxlib
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+    h = hashlib.sha256()
+    for src in SOURCES:
+        with open(src, "rb") as f:
+            h.update(f.read())
+    # -march=native: the CPU's features are part of the key (a shared home folder may be seen
+    # by machines of different kinds).
+    h.update(" ".join([cxx, *FLAGS, jaxlib.__version__, _cpu_features()]).encode())
+    folder = cache_dir or os.path.join(cache_root(), "kernels")
+    path = os.path.join(folder, f"cpu_kernels-{h.hexdigest()[:16]}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *SOURCES, "-o", tmp]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load():
+    """The built library with every target registered, or None (after one warning)."""
+    with _lock:
+        if "lib" not in _state:
+            try:
+                lib = ctypes.CDLL(build())
+                for target, symbol in TARGETS.items():
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                _state["lib"] = lib
+            except (RuntimeError, OSError, AttributeError) as e:
+                _state["lib"], _state["error"] = None, str(e)
+                warnings.warn(f"mmjax: CPU kernels unavailable, using XLA's own ops: {e}", RuntimeWarning,
+                              stacklevel=3)
+        return _state["lib"]
+
+
+def error() -> str | None:
+    """Why the library could not be built or loaded (None when it was, or not yet tried)."""
+    return _state.get("error")
+
+
+def off_by_env(name: str) -> bool:
+    """An opt-out switch such as MMJAX_CPU_GEMV=0."""
+    return os.environ.get(name, "1").lower() in ("0", "false", "off", "no")
+
+
+def is_disabled() -> bool:
+    """Tracing under disabled()."""
+    return getattr(_local, "off", False)
+
+
+class disabled:
+    """Context manager: trace without any CPU kernel (the engine uses it under a mesh)."""
+
+    def __enter__(self):
+        self._prev, _local.off = is_disabled(), True
+
+    def __exit__(self, *exc):
+        _local.off = self._prev
