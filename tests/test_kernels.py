@@ -5,6 +5,7 @@ B <= 2, N <= 4) and block sizes are 16/32 so that several key/query blocks, part
 blocks and skipped blocks all occur. Tolerances (max |kernel - reference|):
 float32 1e-5, bfloat16 2e-2; the XLA path against HF eager attention: 1e-6 (float32).
 """
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ import pytest
 
 from mmjax.errors import InputError
 from mmjax.kernels import attention as attention_module
+from mmjax.kernels import cpu_ffi
 from mmjax.kernels.attention import decode_range, resolve_impl, xla_attention
 from mmjax.kernels.decode_attention import decode_attention, decode_attention_reference
 from mmjax.kernels.flash_attention import BlockSizes, MaskSpec, attention_reference, flash_attention
@@ -176,15 +178,20 @@ def test_xla_path_matches_reference(name, dtype):
 
 # The cache path ("BKSH", one query) computes probs @ V as a multiply + reduce instead of a
 # dot (mmjax/kernels/attention.py); it must agree with the reference like the dot path does.
+# In float32 on CPU it goes through the cpu_decode_attention kernel unless CPU kernels are off
+# (as under a mesh): both ways are checked.
+@pytest.mark.parametrize("cpu_kernels", [True, False])
 @pytest.mark.parametrize("B,G,trivial", [(1, 1, False), (3, 3, False), (2, 2, True)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_xla_cache_path_single_query(B, G, trivial, dtype):
+def test_xla_cache_path_single_query(B, G, trivial, dtype, cpu_kernels):
     S, K, H = 70, 2, 64
     q, k, v = qkv(B, 1, S, K * G, K, H, dtype, seed=11)
     lengths = jnp.array([70, 33, 1][:B])
     mask = MaskSpec() if trivial else MaskSpec(causal=True, kv_lengths=lengths, q_offset=lengths - 1)
-    cache_attention = jax.jit(attention_module.attention, static_argnames=("impl", "kv_layout"))
-    out = cache_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, impl="xla", kv_layout="BKSH")
+    # A fresh function per case: the path is chosen when tracing.
+    cache_attention = jax.jit(lambda *a: attention_module.attention(*a, impl="xla", kv_layout="BKSH"))
+    with contextlib.nullcontext() if cpu_kernels else cpu_ffi.disabled():
+        out = cache_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
     assert out.dtype == dtype and out.shape == q.shape
     assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[dtype]
     assert max_err(out, attention(q, k, v, mask, impl="xla")) <= TOL[dtype]  # = the BSKH dot path

@@ -5,7 +5,9 @@ G = N // K query heads per kv head, H head dim.
 
 `attention(q, k, v, mask, impl=...)` takes the model's layouts (q [B, T, N, H], k/v
 [B, S, K, H]) and a MaskSpec, and runs one of:
-  * "xla":    einsum softmax below; what CPU runs, exact against HF eager attention.
+  * "xla":    einsum softmax below; what CPU runs, exact against HF eager attention. A single
+              query token against the cache (a decode step) in float32 on CPU goes through
+              the cpu_decode_attention FFI kernel instead (same math, one call per layer).
   * "pallas": the Pallas kernels: decode_attention for a single query token (T == 1,
               no segments), flash_attention otherwise. On CPU they run in interpret mode
               (slow; for tests only).
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmjax.errors import InputError
+from mmjax.kernels import cpu_decode_attention
 from mmjax.kernels.decode_attention import decode_attention
 from mmjax.kernels.flash_attention import NEG_INF, MaskSpec, check_qkv, flash_attention, make_mask
 
@@ -121,6 +124,9 @@ def attention(
     if kv_layout == "BKSH" and resolve_impl(impl) == "xla":
         check_qkv(q, k.swapaxes(1, 2), v.swapaxes(1, 2))  # shapes only: traced, not computed
         mask.check(q.shape[0], q.shape[1], k.shape[2])
+        if cpu_decode_attention.use_for(q, k, v, mask):  # one token against the cache, on CPU
+            start, end = decode_range(mask, q.shape[0], k.shape[2])
+            return cpu_decode_attention.decode_attention_cpu(q, k, v, start, end, scale)
         return xla_attention(q, k, v, mask, scale, kv_layout)
     if kv_layout == "BKSH":  # the Pallas kernels read [B, S, K, H]
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)

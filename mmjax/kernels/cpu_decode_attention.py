@@ -1,0 +1,60 @@
+"""Decode attention on XLA:CPU (cpu_decode_attention.cc); its reference is
+decode_attention.decode_attention_reference.
+
+Axis legend: B batch, N query heads, K kv heads, G = N // K, S cache length, H head dim.
+
+`decode_attention_cpu(q, k, v, start, end)`: q [B, 1, N, H] against the cache k/v
+[B, K, S, H] ("BKSH"), keys start[b] <= s < end[b] visible -> [B, 1, N, H]. One XLA FFI call
+per layer; each (b, kv head) streams its K and V once for all G query heads (docs/kernels.md,
+"CPU decode attention"). cpu_ffi builds and registers it.
+
+`use_for(q, k, v, mask)` is the one place that decides: the CPU backend, one query token,
+float32, a mask without segment ids, not turned off (MMJAX_CPU_ATTENTION=0, or tracing under
+`cpu_ffi.disabled()`), and the library built.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.kernels import cpu_ffi
+
+__all__ = ["available", "decode_attention_cpu", "use_for"]
+
+TARGET = "mmjax_decode_attention_f32"
+
+
+def available() -> bool:
+    """CPU backend, not turned off by MMJAX_CPU_ATTENTION=0, and the library built."""
+    if cpu_ffi.off_by_env("MMJAX_CPU_ATTENTION"):
+        return False
+    return jax.default_backend() == "cpu" and cpu_ffi.load() is not None
+
+
+def use_for(q, k, v, mask) -> bool:
+    """Whether attention of q [B, T, N, H] over a BKSH cache goes through this kernel."""
+    f32 = jnp.dtype(jnp.float32)
+    return (q.shape[1] == 1 and mask.q_segment_ids is None
+            and all(jnp.dtype(a.dtype) == f32 for a in (q, k, v))
+            and not cpu_ffi.is_disabled() and available())
+
+
+def decode_attention_cpu(q, k, v, start, end, scale: float | None = None):
+    """q [B, 1, N, H] f32, k/v [B, K, S, H] f32, start/end [B] int32 -> [B, 1, N, H] f32."""
+    batch, q_len, num_heads, head_dim = q.shape
+    if q_len != 1 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim \
+            or num_heads % k.shape[1]:
+        raise ValueError(f"decode_attention_cpu: expects q [B, 1, N, H] and k/v [B, K, S, H], "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
+    if cpu_ffi.load() is None:
+        raise RuntimeError(f"decode_attention_cpu: kernel unavailable ({cpu_ffi.error()})")
+    num_kv_heads = k.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = jax.ShapeDtypeStruct(qg.shape, jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    o = call(qg, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), scale=np.float32(scale))
+    return o.reshape(q.shape)
