@@ -27,11 +27,13 @@ def test_builds_here():
     assert cda.available(), cpu_ffi.error()
 
 
-# Head dims 64/80/128 and one that is not a multiple of the 16-lane vector (7); G 1..4;
-# cache lengths below, at and not at multiples of 16; rows with a start, a short range, an
-# empty range (output 0) and the whole cache.
+# Head dims 64/80/128 (the unrolled kernels) and one that is not a multiple of the 16-lane
+# vector (7, the generic loops); G 1..7 (7 at head dim 128 runs in chunks of 2 heads); cache
+# lengths below, at and not at multiples of 16 (keys are summed 16 at a time, then one by
+# one); rows with a start, a short range, an empty range (output 0) and the whole cache.
 @pytest.mark.parametrize("B,K,G,S,H", [(1, 4, 3, 416, 64), (4, 2, 1, 37, 80), (2, 3, 2, 16, 128),
-                                       (3, 1, 4, 100, 7), (8, 4, 3, 64, 64)])
+                                       (3, 1, 4, 100, 7), (8, 4, 3, 64, 64), (2, 1, 7, 50, 128),
+                                       (2, 2, 3, 9, 64)])
 def test_matches_reference(B, K, G, S, H):
     q = rand(B, 1, K * G, H, seed=1, scale=2.0)  # large logits: the max subtraction matters
     k, v = rand(B, K, S, H, seed=2), rand(B, K, S, H, seed=3)
