@@ -64,7 +64,9 @@ def masks(B, S):
 
 
 def lowered(fn, *args):
-    return jax.jit(fn).lower(*args).as_text()
+    # A fresh function each time: jit caches traces per function, and the kernel is chosen
+    # when tracing (under disabled() or MMJAX_CPU_ATTENTION=0 a cached trace would hide it).
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
 
 
 @pytest.mark.parametrize("name", ["causal", "window", "prefix", "bidirectional", "trivial"])

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from mmjax.errors import InputError
-from mmjax.kernels import cpu_decode_attention
+from mmjax.kernels import cpu_decode_attention, cpu_prefill_attention
 from mmjax.kernels.decode_attention import decode_attention
 from mmjax.kernels.flash_attention import NEG_INF, MaskSpec, check_qkv, flash_attention, make_mask
 
-__all__ = ["AUTO_IMPL", "Impl", "MaskSpec", "attention", "decode_range", "make_mask", "resolve_impl", "xla_attention"]
+__all__ = ["AUTO_IMPL", "Impl", "MaskSpec", "attention", "decode_range", "make_mask", "query_ranges", "resolve_impl",
+           "xla_attention"]
 
 Impl = Literal["auto", "xla", "pallas"]
 
@@ -88,25 +89,31 @@ def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None, kv_layout
     return out.reshape(q.shape).astype(q.dtype)
 
 
-def decode_range(mask: MaskSpec, batch: int, kv_len: int):
-    """For a single query (T == 1) every MaskSpec without segments is an interval of keys:
-    returns (start [B], end [B]) int32 with visible keys start <= s < end."""
-    zeros = jnp.zeros((batch,), jnp.int32)
-    rows = lambda x, default: default if x is None else jnp.asarray(x, jnp.int32)
-    pos = rows(mask.q_offset, zeros)
-    end = rows(mask.kv_lengths, zeros + kv_len)
+def query_ranges(mask: MaskSpec, batch: int, q_len: int, kv_len: int):
+    """Every MaskSpec without segments gives each query an interval of keys: returns
+    (start [B, T], end [B, T]) int32 with visible keys start <= s < end for query t of row b."""
+    rows = lambda x, default: default if x is None else jnp.asarray(x, jnp.int32)[:, None]
+    zeros = jnp.zeros((batch, q_len), jnp.int32)
+    pos = rows(mask.q_offset, jnp.zeros((batch, 1), jnp.int32)) + jnp.arange(q_len, dtype=jnp.int32)[None, :]
+    end = rows(mask.kv_lengths, jnp.full((batch, 1), kv_len, jnp.int32)) + zeros
     start = zeros
     window = mask.sliding_window
     if mask.causal:
         c_end, c_start = pos + 1, (zeros if window is None else pos - window + 1)
         if mask.prefix_lengths is not None:  # inside the prefix: the whole prefix
-            prefix = jnp.asarray(mask.prefix_lengths, jnp.int32)
+            prefix = rows(mask.prefix_lengths, None)
             inside = pos < prefix
             c_end, c_start = jnp.where(inside, prefix, c_end), jnp.where(inside, 0, c_start)
         end, start = jnp.minimum(end, c_end), c_start
     elif window is not None:
         end, start = jnp.minimum(end, pos + window), pos - window + 1
     return jnp.clip(start, 0, kv_len), jnp.clip(end, 0, kv_len)
+
+
+def decode_range(mask: MaskSpec, batch: int, kv_len: int):
+    """query_ranges for a single query (T == 1): (start [B], end [B]) int32."""
+    start, end = query_ranges(mask, batch, 1, kv_len)
+    return start[:, 0], end[:, 0]
 
 
 def attention(
@@ -136,6 +143,9 @@ def attention(
     mask.check(batch, q_len, kv_len)
     backend = jax.default_backend()
     if resolve_impl(impl, backend) == "xla":
+        if cpu_prefill_attention.use_for(q, k, v, mask):  # a prompt's own keys, on CPU
+            start, end = query_ranges(mask, batch, q_len, kv_len)
+            return cpu_prefill_attention.prefill_attention_cpu(q, k, v, start, end, scale)
         return xla_attention(q, k, v, mask, scale)
     interpret = backend == "cpu"
     if q_len == 1 and mask.q_segment_ids is None:

@@ -27,9 +27,11 @@ from mmjax.compile_cache import cache_root
 __all__ = ["SOURCES", "TARGETS", "build", "disabled", "is_disabled", "load", "off_by_env"]
 
 _HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(_HERE, f) for f in ("cpu_gemv.cc", "cpu_decode_attention.cc"))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("cpu_gemv.cc", "cpu_decode_attention.cc", "cpu_prefill_attention.cc"))
+HEADERS = tuple(os.path.join(_HERE, f) for f in ("cpu_simd.h",))
 # XLA target name -> the handler symbol the library exports.
-TARGETS = {"mmjax_gemv_f32": "MmjaxGemvF32", "mmjax_decode_attention_f32": "MmjaxDecodeAttentionF32"}
+TARGETS = {"mmjax_gemv_f32": "MmjaxGemvF32", "mmjax_decode_attention_f32": "MmjaxDecodeAttentionF32",
+           "mmjax_prefill_attention_f32": "MmjaxPrefillAttentionF32"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _lock = threading.Lock()
 _state: dict = {}  # "lib": ctypes.CDLL | None, "error": str
@@ -47,7 +49,7 @@ def _cpu_features() -> str:
 
 
 def build(cache_dir: str | None = None) -> str:
-    """Compile SOURCES into one library unless already built; returns its path.
+    """Compile SOURCES (which include HEADERS) into one library unless already built; returns its path.
     Raises RuntimeError with the compiler's command and output when that fails."""
     import jaxlib
 
@@ -55,7 +57,7 @@ def build(cache_dir: str | None = None) -> str:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         with open(src, "rb") as f:
             h.update(f.read())
     # -march=native: the CPU's features are part of the key (a shared home folder may be seen

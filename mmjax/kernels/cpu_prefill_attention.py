@@ -1,0 +1,57 @@
+"""Prefill attention on XLA:CPU (cpu_prefill_attention.cc); its reference is
+flash_attention.attention_reference.
+
+Axis legend: B batch, T query tokens, S keys, N query heads, K kv heads, G = N // K, H head dim.
+
+`prefill_attention_cpu(q, k, v, start, end)`: q [B, T, N, H] against k/v [B, S, K, H]
+("BSKH"), query t of row b seeing keys start[b, t] <= s < end[b, t] -> [B, T, N, H]. One XLA
+FFI call per layer, flash-attention style (docs/kernels.md, "CPU prefill attention"). cpu_ffi
+builds and registers it.
+
+`use_for(q, k, v, mask)` is the one place that decides: the CPU backend, more than one query
+token, float32, head dim a multiple of 16, a mask without segment ids, not turned off
+(MMJAX_CPU_ATTENTION=0, or tracing under `cpu_ffi.disabled()`), and the library built.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.kernels import cpu_ffi
+
+__all__ = ["available", "prefill_attention_cpu", "use_for"]
+
+TARGET = "mmjax_prefill_attention_f32"
+
+
+def available() -> bool:
+    """CPU backend, not turned off by MMJAX_CPU_ATTENTION=0, and the library built."""
+    if cpu_ffi.off_by_env("MMJAX_CPU_ATTENTION"):
+        return False
+    return jax.default_backend() == "cpu" and cpu_ffi.load() is not None
+
+
+def use_for(q, k, v, mask) -> bool:
+    """Whether attention of q [B, T, N, H] over its own k/v [B, S, K, H] goes through this kernel."""
+    f32 = jnp.dtype(jnp.float32)
+    return (q.shape[1] > 1 and q.shape[3] % 16 == 0 and mask.q_segment_ids is None
+            and all(jnp.dtype(a.dtype) == f32 for a in (q, k, v))
+            and not cpu_ffi.is_disabled() and available())
+
+
+def prefill_attention_cpu(q, k, v, start, end, scale: float | None = None):
+    """q [B, T, N, H] f32, k/v [B, S, K, H] f32, start/end [B, T] int32 -> [B, T, N, H] f32."""
+    batch, q_len, num_heads, head_dim = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim \
+            or num_heads % k.shape[2] or head_dim % 16:
+        raise ValueError(f"prefill_attention_cpu: expects q [B, T, N, H] and k/v [B, S, K, H] with K | N and "
+                         f"16 | H, got {q.shape}, {k.shape}, {v.shape}")
+    if cpu_ffi.load() is None:
+        raise RuntimeError(f"prefill_attention_cpu: kernel unavailable ({cpu_ffi.error()})")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    return call(q, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), scale=np.float32(scale))

@@ -1,0 +1,93 @@
+"""The CPU prefill attention kernel (mmjax/kernels/cpu_prefill_attention.cc) against
+attention_reference for every mask kind a prompt uses, and the one place that routes to it
+(kernels/attention.py). Tolerance float32 1e-5, as for the other attention kernels."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.kernels import attention as attention_module
+from mmjax.kernels import cpu_ffi
+from mmjax.kernels import cpu_prefill_attention as cpa
+from mmjax.kernels.attention import MaskSpec, query_ranges, xla_attention
+from mmjax.kernels.flash_attention import attention_reference, make_mask
+
+TOL = 1e-5
+
+
+def rand(*shape, seed=0, scale=1.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32) * scale)
+
+
+def max_err(a, b):
+    return float(jnp.max(jnp.abs(a - b)))
+
+
+def test_builds_here():
+    assert cpa.available(), cpu_ffi.error()
+
+
+def masks(B, T, S):
+    lengths = jnp.array([S, S - 7, 3, 1][:B], jnp.int32)
+    return {
+        "causal": MaskSpec(causal=True),
+        "causal+padding": MaskSpec(causal=True, kv_lengths=lengths),
+        "causal+offset": MaskSpec(causal=True, q_offset=jnp.array([S - T, 0, 2, 5][:B], jnp.int32)),
+        "window": MaskSpec(causal=True, sliding_window=19),
+        "prefix": MaskSpec(causal=True, prefix_lengths=jnp.array([40, 0, 5, 70][:B], jnp.int32)),
+        "bidirectional": MaskSpec(causal=False, kv_lengths=lengths),
+        "bidirectional+window": MaskSpec(causal=False, sliding_window=9),
+    }
+
+
+# T and S not multiples of the 16-token query block, the 32-key vectors or the 128-key
+# softmax step, and longer than one step; G 1..4; head dims 64/80/128 (80: a last half
+# register tile); rows that see nothing (kv_lengths 1 and 3 with an offset); large logits.
+@pytest.mark.parametrize("name", list(masks(1, 1, 1)))
+@pytest.mark.parametrize("B,T,S,N,K,H", [(2, 150, 150, 6, 2, 64), (3, 37, 37, 4, 4, 80), (1, 20, 20, 4, 1, 128)])
+def test_matches_reference(name, B, T, S, N, K, H):
+    mask = masks(B, T, S)[name]
+    q, k, v = rand(B, T, N, H, seed=1, scale=2.0), rand(B, S, K, H, seed=2), rand(B, S, K, H, seed=3)
+    start, end = jax.jit(query_ranges, static_argnums=(1, 2, 3))(mask, B, T, S)
+    # the intervals are the mask: same visible set as make_mask
+    ok = np.broadcast_to(np.asarray(make_mask(mask, T, S))[:, 0], (B, T, S))  # [B|1, T, S]
+    s = np.arange(S)[None, None, :]
+    np.testing.assert_array_equal(ok, (s >= np.asarray(start)[..., None]) & (s < np.asarray(end)[..., None]))
+    out = jax.jit(cpa.prefill_attention_cpu)(q, k, v, start, end)
+    ref = attention_reference(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == jnp.float32
+    assert max_err(out, ref) <= TOL
+
+
+def lowered(fn, *args):
+    # A fresh function each time: jit caches traces per function, and the kernel is chosen
+    # when tracing (under disabled() or MMJAX_CPU_ATTENTION=0 a cached trace would hide it).
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+def test_attention_routes_prompts_here(monkeypatch):
+    B, T, N, K, H = 2, 24, 4, 2, 64
+    q, k, v = rand(B, T, N, H, seed=4), rand(B, T, K, H, seed=5), rand(B, T, K, H, seed=6)
+    mask = MaskSpec(causal=True, kv_lengths=jnp.array([24, 10]))
+    run = lambda q, k, v, m: attention_module.attention(q, k, v, m, impl="auto")
+    assert cpa.TARGET in lowered(run, q, k, v, mask)
+    out = jax.jit(run)(q, k, v, mask)
+    ref = jax.jit(lambda q, k, v, m: xla_attention(q, k, v, m))(q, k, v, mask)
+    assert max_err(out, ref) <= TOL
+    # what stays on XLA's ops: bf16, head dims not a multiple of 16, segments, disabled()
+    bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    assert cpa.TARGET not in lowered(run, *bf, mask)
+    q8, k8, v8 = rand(B, T, N, 8, seed=7), rand(B, T, K, 8, seed=8), rand(B, T, K, 8, seed=9)
+    assert cpa.TARGET not in lowered(run, q8, k8, v8, mask)
+    seg = MaskSpec(causal=False, q_segment_ids=jnp.zeros((B, T), jnp.int32))
+    assert cpa.TARGET not in lowered(run, q, k, v, seg)
+    with cpu_ffi.disabled():
+        assert cpa.TARGET not in lowered(run, q, k, v, mask)
+    monkeypatch.setenv("MMJAX_CPU_ATTENTION", "0")
+    assert cpa.TARGET not in lowered(run, q, k, v, mask)
+
+
+def test_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="16 \\| H"):
+        cpa.prefill_attention_cpu(rand(1, 4, 2, 8), rand(1, 4, 2, 8), rand(1, 4, 2, 8),
+                                  jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
