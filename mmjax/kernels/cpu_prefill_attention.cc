@@ -10,8 +10,8 @@
 // mask select, max, exp, sum, divide, and a transposing copy for the second product) cost
 // ~170 ms of thread time in the benchmark's 336-token prefill, against ~3 GFLOP of products.
 //
-// One task = (b, kv head, block of kQueryBlock tokens): its G heads x tokens are the rows of
-// one tile (GQA without repeating K/V). K of that kv head is transposed once per task into
+// One task = (b, kv head, block of ~64 / G tokens): its G heads x tokens are the rows of one
+// tile (GQA without repeating K/V). K of that kv head is transposed once per task into
 // kt [H, S'] so that 16 keys are one vector; then per block of kKeyBlock keys:
 //   logits [rows, keys] = q_tile @ kt   (8 rows x 32 keys in registers over H)
 //   mask, running max / sum rescale, p = exp(logits - max)
@@ -39,7 +39,7 @@ namespace ffi = xla::ffi;
 namespace {
 using namespace mmjax_simd;
 
-constexpr int64_t kQueryBlock = 16;  // tokens per task
+constexpr int64_t kTileRows = 64;    // about this many rows (tokens x G heads) per task
 constexpr int64_t kKeyBlock = 128;   // keys per softmax step (a multiple of 32)
 constexpr int kRows = 8;             // rows per register tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -54,14 +54,16 @@ struct Problem {
   float* out;
   int64_t B, T, S, N, K, G, H;
   float scale;
-  int64_t blocks_per_head, tasks;
+  int64_t query_block, blocks_per_head, tasks;
   std::atomic<int64_t> next{0}, done{0};
 
   void Task(int64_t task, Buffers& buf) const {
     const int64_t b = task / (K * blocks_per_head);
     const int64_t kh = task / blocks_per_head % K;
-    const int64_t t0 = task % blocks_per_head * kQueryBlock;
-    const int64_t tq = std::min(kQueryBlock, T - t0);
+    // Last query blocks first: under a causal mask they see the most keys, and the cheap
+    // ones left for the end keep both threads busy to the last task.
+    const int64_t t0 = (blocks_per_head - 1 - task % blocks_per_head) * query_block;
+    const int64_t tq = std::min(query_block, T - t0);
     const int64_t rows = tq * G, rows_p = (rows + kRows - 1) / kRows * kRows;
     const int32_t* st = start + b * T + t0;
     const int32_t* en = end + b * T + t0;
@@ -126,24 +128,36 @@ struct Problem {
           std::memset(lr, 0, nb * sizeof(float));
           continue;
         }
-        float mx = kNegInf;
-        for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, lr[j]);
+        const IVec iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        const int32_t lo32 = static_cast<int32_t>(lo), hi32 = static_cast<int32_t>(hi);
+        const int64_t jv0 = lo / kLanes * kLanes, jv1 = (hi + kLanes - 1) / kLanes * kLanes;
+        Vec mv = Splat(kNegInf);
+        for (int64_t j = jv0; j < jv1; j += kLanes) {
+          const IVec idx = iota + static_cast<int32_t>(j);
+          const Vec x = Load(lr + j);
+          mv = ((idx >= lo32) & (idx < hi32) & (x > mv)) ? x : mv;
+        }
+        float mx = mv[0];
+        for (int i = 1; i < kLanes; ++i) mx = std::max(mx, mv[i]);
         const float m_new = std::max(buf.m[r], mx);
         const float corr = buf.m[r] == kNegInf ? 0.0f : ExpScalar(buf.m[r] - m_new);
         buf.m[r] = m_new;
         Vec sum{};
-        const IVec iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
         for (int64_t j = 0; j < nb; j += kLanes) {
+          if (j < jv0 || j >= jv1) {  // outside [lo, hi): exactly 0
+            Store(lr + j, Vec{});
+            continue;
+          }
           const IVec idx = iota + static_cast<int32_t>(j);
-          const IVec keep = (idx >= static_cast<int32_t>(lo)) & (idx < static_cast<int32_t>(hi));
-          const Vec p = keep ? Exp(Load(lr + j) - m_new) : Vec{};  // outside [lo, hi): exactly 0
+          const Vec p = ((idx >= lo32) & (idx < hi32)) ? Exp(Load(lr + j) - m_new) : Vec{};
           Store(lr + j, p);
           sum += p;
         }
         buf.l[r] = buf.l[r] * corr + HSum(sum);
-        float* o = &buf.out[r * H];
-        if (corr != 1.0f)
-          for (int64_t h = 0; h < H; ++h) o[h] *= corr;
+        if (corr != 1.0f) {
+          float* o = &buf.out[r * H];
+          for (int64_t h = 0; h < H; h += kLanes) Store(o + h, Load(o + h) * corr);
+        }
       }
       for (int64_t r = rows; r < rows_p; ++r) std::memset(lg + r * kKeyBlock, 0, nb * sizeof(float));
       // out += p @ v[ks + j0 : ks + j0 + nb]
@@ -218,7 +232,10 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   p->K = kd[2];
   p->G = p->N / p->K;
   p->scale = scale;
-  p->blocks_per_head = (p->T + kQueryBlock - 1) / kQueryBlock;
+  // Enough tokens per task that the tile has ~64 rows (the transpose of K per task is then
+  // small against the products), a multiple of 8.
+  p->query_block = std::max<int64_t>(8, (kTileRows / p->G + 7) / 8 * 8);
+  p->blocks_per_head = (p->T + p->query_block - 1) / p->query_block;
   p->tasks = p->B * p->K * p->blocks_per_head;
   const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), p->tasks) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([p] { p->Run(); });
