@@ -128,32 +128,37 @@ def main(argv=None) -> int:
     same = theirs[: len(ours.token_ids)] == ours.token_ids
     print(f"greedy tokens identical to HF: {same}", flush=True)
 
-    # 2. prefill latency, batch 1 (our compiled prefill vs the HF forward that fills a cache)
-    def ours_prefill():
-        mmjax.generate(model, [image], prompt, max_new_tokens=1, chat_template=False)
-    ours_prefill()
-    ours_pf = statistics.median(
-        [mmjax.generate(model, [image], prompt, max_new_tokens=1, chat_template=False).timings["prefill_s"]
-         for _ in range(max(3, args.repeats))])
+    # The machine's speed drifts by 10-20% over minutes, so every figure below interleaves the
+    # two sides (mmjax, HF, mmjax, HF, ...) and takes medians: neither gets the quiet minute.
+    # 2. prefill latency, batch 1 (our compiled prefill vs the HF forward that fills a cache).
     # HF side: the forward its generate() runs first, which asks for the last position's logits
     # only (logits_to_keep=1), as mmjax's prefill does. (Sessions 1-2 timed all 322 positions'
     # logits, ~40 ms more of HF's time.)
-    with torch.no_grad():
-        hf_model(**pt, use_cache=True, logits_to_keep=1)
-        hf_pf = median_time(lambda: hf_model(**pt, use_cache=True, logits_to_keep=1), max(3, args.repeats))
+    def ours_prefill():
+        return mmjax.generate(model, [image], prompt, max_new_tokens=1, chat_template=False).timings["prefill_s"]
+
+    def hf_prefill():
+        with torch.no_grad():
+            return median_time(lambda: hf_model(**pt, use_cache=True, logits_to_keep=1), 1)
+
+    ours_prefill(), hf_prefill()
+    pf = [(ours_prefill(), hf_prefill()) for _ in range(max(5, args.repeats))]
+    ours_pf, hf_pf = (statistics.median(x) for x in zip(*pf))
 
     # 3. decode tokens/s, batch 1 and 8, exactly N_NEW tokens each
     rows = {}
     for B in (1, 8):
         kw = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, chat_template=False)
         mmjax.generate(model, [[image]] * B, [prompt] * B, **kw)  # compile
-        runs = [mmjax.generate(model, [[image]] * B, [prompt] * B, **kw).timings for _ in range(args.repeats)]
-        ours_ms = statistics.median(r["decode_s"] / (r["steps"] - 1) for r in runs) * 1e3
         hf_generate(B, 2)
-        hf_total = statistics.median(
-            [median_time(lambda: hf_generate(B, N_NEW), 1) for _ in range(args.repeats)])
-        hf_first = median_time(lambda: hf_generate(B, 1), args.repeats)
-        hf_ms = (hf_total - hf_first) / (N_NEW - 1) * 1e3
+        ours, hf_total, hf_first = [], [], []
+        for _ in range(args.repeats):
+            r = mmjax.generate(model, [[image]] * B, [prompt] * B, **kw).timings
+            ours.append(r["decode_s"] / (r["steps"] - 1))
+            hf_total.append(median_time(lambda: hf_generate(B, N_NEW), 1))
+            hf_first.append(median_time(lambda: hf_generate(B, 1), 1))
+        ours_ms = statistics.median(ours) * 1e3
+        hf_ms = (statistics.median(hf_total) - statistics.median(hf_first)) / (N_NEW - 1) * 1e3
         rows[B] = (ours_ms, hf_ms)
         print(f"decode batch {B}: mmjax {ours_ms:.1f} ms/step, HF {hf_ms:.1f} ms/step", flush=True)
 
@@ -174,7 +179,8 @@ def main(argv=None) -> int:
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"jax {__import__('jax').__version__}, torch {torch.__version__}; fp32; prompt {T} tokens "
-        f"({model.config.image_seq_length} image + text); medians of {args.repeats}",
+        f"({model.config.image_seq_length} image + text); medians of {args.repeats} interleaved runs "
+        f"(prefill: {max(5, args.repeats)})",
         "",
         "| figure | mmjax | HF transformers | ratio (HF / mmjax time) |",
         "|---|---|---|---|",
