@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,7 +56,15 @@ def rope_tables(positions, rope: RopeConfig, head_dim: int, dtype, mrope_section
             raise ValueError(f"positions {positions.shape}: [3, B, T] needs mrope_section")
         freqs = pos[..., None] * inv  # [B, T, R/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, R]
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if jax.default_backend() == "cpu":
+        # XLA:CPU fuses the tables' cos/sin into every consumer and recomputes them for each
+        # head of each layer (24 copies, ~20 ms of thread time in the benchmark's prefill). An
+        # identity product, exact in float32, makes it compute them once; an
+        # optimization_barrier does not survive XLA:CPU's pipeline.
+        eye = jnp.eye(emb.shape[-1], dtype=jnp.float32)
+        cos, sin = (jnp.dot(t, eye, precision=jax.lax.Precision.HIGHEST) for t in (cos, sin))
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def _rotate_half(x):
