@@ -10,9 +10,8 @@
 // against ~80 MB of cache the step must read (~4 ms). Here each (b, k) pair is one task:
 // it streams its K rows once per query head (from cache after the first), keeps the G x n
 // logits in a thread-local buffer, and streams its V rows once for all G heads (GQA without
-// repeating K/V). Tasks are claimed from an atomic counter by the caller and helpers on
-// XLA's intra-op pool (as in cpu_gemv.cc: the caller only waits for tasks a running thread
-// has claimed, so a busy pool cannot deadlock).
+// repeating K/V). Tasks are shared out over XLA's intra-op pool by mmjax_pool::ParallelFor
+// (cpu_pool.h).
 //
 // For head dims that are multiples of 16 (Logits / WeightedSum, unrolled per head dim): the
 // dot products of 16 keys are reduced together (Sums16: 15 shuffle-adds, not 16 lane-by-lane
@@ -24,14 +23,13 @@
 // out = sum_s probs * v, all float32; only the summation order differs. exp is a degree-7
 // polynomial after range reduction (relative error ~1e-7, like XLA's own).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_pool.h"
 #include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -143,7 +141,6 @@ struct Problem {
   int64_t B, K, G, S, H;
   float scale;
   int64_t tasks;
-  std::atomic<int64_t> next{0}, done{0};
 
   // One (b, kv head) pair.
   void Task(int64_t bk, std::vector<float>& logits) const {
@@ -220,13 +217,6 @@ struct Problem {
     }
   }
 
-  void Run() {
-    thread_local std::vector<float> logits;
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      Task(t, logits);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -239,7 +229,7 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
       end.dimensions().size() != 1 || end.dimensions()[0] != qd[0])
     return ffi::Error::InvalidArgument(
         "mmjax_decode_attention_f32: expects q [B, K, G, H], k/v [B, K, S, H], start/end [B]");
-  auto p = std::make_shared<Problem>();  // shared: a late helper task may still hold it
+  auto p = std::make_unique<Problem>();
   p->q = q.typed_data();
   p->k = k.typed_data();
   p->v = v.typed_data();
@@ -253,10 +243,10 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   p->S = kd[2];
   p->scale = scale;
   p->tasks = p->B * p->K;
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), p->tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([p] { p->Run(); });
-  p->Run();
-  while (p->done.load(std::memory_order_acquire) < p->tasks) std::this_thread::yield();
+  mmjax_pool::ParallelFor(pool, p->tasks, [&p](int64_t t) {
+    thread_local std::vector<float> logits;
+    p->Task(t, logits);
+  });
   return ffi::Error::Success();
 }
 

@@ -24,11 +24,11 @@ import jax
 
 from mmjax.compile_cache import cache_root
 
-__all__ = ["SOURCES", "TARGETS", "build", "disabled", "is_disabled", "load", "off_by_env"]
+__all__ = ["HEADERS", "SOURCES", "TARGETS", "available", "build", "disabled", "error", "is_disabled", "load", "off_by_env"]
 
 _HERE = os.path.dirname(__file__)
 SOURCES = tuple(os.path.join(_HERE, f) for f in ("cpu_gemv.cc", "cpu_decode_attention.cc", "cpu_prefill_attention.cc"))
-HEADERS = tuple(os.path.join(_HERE, f) for f in ("cpu_simd.h",))
+HEADERS = tuple(os.path.join(_HERE, f) for f in ("cpu_simd.h", "cpu_pool.h"))
 # XLA target name -> the handler symbol the library exports.
 TARGETS = {"mmjax_gemv_f32": "MmjaxGemvF32", "mmjax_decode_attention_f32": "MmjaxDecodeAttentionF32",
            "mmjax_prefill_attention_f32": "MmjaxPrefillAttentionF32"}
@@ -101,6 +101,14 @@ def load():
 def error() -> str | None:
     """Why the library could not be built or loaded (None when it was, or not yet tried)."""
     return _state.get("error")
+
+
+def available(switch: str) -> bool:
+    """The CPU backend, not turned off by the environment variable `switch` (=0), and the
+    library built and registered."""
+    if off_by_env(switch):
+        return False
+    return jax.default_backend() == "cpu" and load() is not None
 
 
 def off_by_env(name: str) -> bool:

@@ -18,16 +18,14 @@
 // stores of another (4K aliasing), which halved the rate when the block was y itself.
 // More than 8 rows run 8 at a time (w streams once per 8 rows); the engine sends at most 8.
 //
-// Threading: the caller and helper tasks scheduled on the XLA pool claim column blocks from
-// an atomic counter. The caller only waits for chunks a running thread has claimed, so a busy
-// pool (or a pool of one) can never deadlock the call: it just does the work itself.
+// Threading: column blocks are shared out by mmjax_pool::ParallelFor (cpu_pool.h): the caller
+// and helper tasks on the XLA pool claim them; a busy pool cannot deadlock the call.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 
+#include "cpu_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -128,50 +126,26 @@ using ColumnsFn = void (*)(const float*, const float*, float*, int64_t, int64_t,
 constexpr ColumnsFn kColumns[kMaxRows + 1] = {nullptr, Columns, Rows<2>, Rows<3>, Rows<4>,
                                                Rows<5>, Rows<6>, Rows<7>, Rows<8>};
 
-struct Work {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t M, K, N, chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Run() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t n0 = c * chunk;
-      const int64_t n1 = std::min(N, n0 + chunk);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)  // more than 8 rows: 8 at a time
-        kColumns[std::min(kMaxRows, M - m0)](x + m0 * K, w, y + m0 * N, K, N, n0, n1);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[0] < 1 || xd[1] != wd[0])
     return ffi::Error::InvalidArgument("mmjax_gemv_f32: expects x [M, K] and w [K, N]");
-  auto work = std::make_shared<Work>();  // shared: a late helper task may still hold it
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->y = y->typed_data();
-  work->M = xd[0];
-  work->K = wd[0];
-  work->N = wd[1];
-  const int64_t N = wd[1];
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t M = xd[0], K = wd[0], N = wd[1];
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // One contiguous column block per thread (>= 64 columns): long runs per row stream best.
   // Measured on the 2-core box, 12 MLP blocks at D 768 / F 2048: one block per thread 22 GB/s,
   // two 20 GB/s, four 18 GB/s (XLA's own dot: 16-18 GB/s).
   int64_t chunk = (N + threads - 1) / threads;
   chunk = std::max<int64_t>(64, (chunk + kVec - 1) / kVec * kVec);
-  work->chunk = chunk;
-  work->chunks = (N + chunk - 1) / chunk;
-  const int64_t helpers = std::min(threads, work->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  mmjax_pool::ParallelFor(pool, (N + chunk - 1) / chunk, [&](int64_t c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)  // more than 8 rows: 8 at a time
+      kColumns[std::min(kMaxRows, M - m0)](xp + m0 * K, wp, yp + m0 * N, K, N, n0, n1);
+  });
   return ffi::Error::Success();
 }
 

@@ -35,9 +35,7 @@ def gemv_reference(x, w):
 
 def available() -> bool:
     """CPU backend, not turned off by MMJAX_CPU_GEMV=0, and the library built and registered."""
-    if cpu_ffi.off_by_env("MMJAX_CPU_GEMV"):
-        return False
-    return jax.default_backend() == "cpu" and cpu_ffi.load() is not None
+    return cpu_ffi.available("MMJAX_CPU_GEMV")
 
 
 def use_for(rows: int, dtype) -> bool:

@@ -16,21 +16,19 @@
 //   logits [rows, keys] = q_tile @ kt   (8 rows x 32 keys in registers over H)
 //   mask, running max / sum rescale, p = exp(logits - max)
 //   out [rows, H] += p @ v              (8 rows x 32 of H in registers over the keys)
-// Tasks are claimed from an atomic counter by the caller and helpers on XLA's intra-op pool
-// (as in cpu_gemv.cc: the caller only waits for tasks a running thread has claimed).
+// Tasks are shared out over XLA's intra-op pool by mmjax_pool::ParallelFor (cpu_pool.h).
 //
 // Numerics: float32 throughout, online softmax (the rescaling differs from XLA's two-pass
 // softmax only in rounding; <= 1e-5 against the reference in tests/test_cpu_prefill_attention.py).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_pool.h"
 #include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -55,7 +53,6 @@ struct Problem {
   int64_t B, T, S, N, K, G, H;
   float scale;
   int64_t query_block, blocks_per_head, tasks;
-  std::atomic<int64_t> next{0}, done{0};
 
   void Task(int64_t task, Buffers& buf) const {
     const int64_t b = task / (K * blocks_per_head);
@@ -196,13 +193,6 @@ struct Problem {
     }
   }
 
-  void Run() {
-    thread_local Buffers buf;
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      Task(t, buf);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
 
 ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -217,7 +207,7 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
     return ffi::Error::InvalidArgument(
         "mmjax_prefill_attention_f32: expects q [B, T, N, H], k/v [B, S, K, H] with K | N and "
         "16 | H, start/end [B, T]");
-  auto p = std::make_shared<Problem>();  // shared: a late helper task may still hold it
+  auto p = std::make_unique<Problem>();
   p->q = q.typed_data();
   p->k = k.typed_data();
   p->v = v.typed_data();
@@ -237,10 +227,10 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   p->query_block = std::max<int64_t>(8, (kTileRows / p->G + 7) / 8 * 8);
   p->blocks_per_head = (p->T + p->query_block - 1) / p->query_block;
   p->tasks = p->B * p->K * p->blocks_per_head;
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), p->tasks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([p] { p->Run(); });
-  p->Run();
-  while (p->done.load(std::memory_order_acquire) < p->tasks) std::this_thread::yield();
+  mmjax_pool::ParallelFor(pool, p->tasks, [&p](int64_t t) {
+    thread_local Buffers buf;
+    p->Task(t, buf);
+  });
   return ffi::Error::Success();
 }
 

@@ -29,9 +29,7 @@ TARGET = "mmjax_prefill_attention_f32"
 
 def available() -> bool:
     """CPU backend, not turned off by MMJAX_CPU_ATTENTION=0, and the library built."""
-    if cpu_ffi.off_by_env("MMJAX_CPU_ATTENTION"):
-        return False
-    return jax.default_backend() == "cpu" and cpu_ffi.load() is not None
+    return cpu_ffi.available("MMJAX_CPU_ATTENTION")
 
 
 def use_for(q, k, v, mask) -> bool:
