@@ -91,3 +91,18 @@ def test_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="16 \\| H"):
         cpa.prefill_attention_cpu(rand(1, 4, 2, 8), rand(1, 4, 2, 8), rand(1, 4, 2, 8),
                                   jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+
+
+def test_out_of_range_intervals_are_clamped():
+    # A direct caller may pass any ints: start < 0 and end > S mean the whole range, as for
+    # the decode kernel (query_ranges itself always clips). S = 37 leaves zero-padded key
+    # slots in the kernel's 32-key vectors, which must never count.
+    B, T, S, N, K, H = 2, 20, 37, 4, 2, 64
+    q, k, v = rand(B, T, N, H, seed=10), rand(B, S, K, H, seed=11), rand(B, S, K, H, seed=12)
+    rng = np.random.default_rng(13)
+    start = rng.integers(-5, 10, (B, T)).astype(np.int32)
+    end = rng.integers(20, S + 30, (B, T)).astype(np.int32)
+    run = jax.jit(cpa.prefill_attention_cpu)
+    raw = run(q, k, v, jnp.asarray(start), jnp.asarray(end))
+    clipped = run(q, k, v, jnp.asarray(np.clip(start, 0, S)), jnp.asarray(np.clip(end, 0, S)))
+    assert float(jnp.max(jnp.abs(raw - clipped))) == 0.0

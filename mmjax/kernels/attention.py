@@ -97,7 +97,8 @@ def query_ranges(mask: MaskSpec, batch: int, q_len: int, kv_len: int):
     pos = rows(mask.q_offset, jnp.zeros((batch, 1), jnp.int32)) + jnp.arange(q_len, dtype=jnp.int32)[None, :]
     end = rows(mask.kv_lengths, jnp.full((batch, 1), kv_len, jnp.int32)) + zeros
     start = zeros
-    window = mask.sliding_window
+    # A window wider than any distance is no window; capped so that pos + window stays in int32.
+    window = None if mask.sliding_window is None else min(mask.sliding_window, 2**30)
     if mask.causal:
         c_end, c_start = pos + 1, (zeros if window is None else pos - window + 1)
         if mask.prefix_lengths is not None:  # inside the prefix: the whole prefix

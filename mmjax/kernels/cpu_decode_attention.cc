@@ -126,7 +126,7 @@ constexpr HeadDimKernels KernelsFor() {
   // GC heads at a time: GC x HV accumulators + HV v vectors stay within 32 registers.
   return {Logits<HV>, WeightedSum<HV, std::max(1, 24 / HV - 1)>};
 }
-// Index HV = H / 16 for H = 16 .. 256; nullptr: the generic loops.
+// Index HV = H / 16 for H = 16 .. 128; nullptr (other head dims): the generic loops.
 const HeadDimKernels* ForHeadDim(int64_t H) {
   static const HeadDimKernels table[] = {KernelsFor<1>(), KernelsFor<2>(), KernelsFor<3>(), KernelsFor<4>(),
                                          KernelsFor<5>(), KernelsFor<6>(), KernelsFor<7>(), KernelsFor<8>()};
@@ -183,7 +183,7 @@ struct Problem {
           const Vec x = Load(l + s);
           mv = x > mv ? x : mv;
         }
-        for (int i = 0; i < kLanes; ++i) m = std::max(m, mv[i]);
+        m = std::max(m, HMax(mv));
       }
       for (int64_t s = nv; s < n; ++s) m = std::max(m, l[s]);
       Vec tv{};

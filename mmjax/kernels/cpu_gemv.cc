@@ -26,13 +26,14 @@
 #include <memory>
 
 #include "cpu_pool.h"
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kVec = 16;  // chunk widths are multiples of one 512-bit vector
+constexpr int64_t kVec = mmjax_simd::kLanes;  // chunk widths are multiples of one vector
 
 // y[n0:n1] = x @ w[:, n0:n1]
 void Columns(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
@@ -56,10 +57,8 @@ void Columns(const float* __restrict__ x, const float* __restrict__ w, float* __
   }
 }
 
-// One vector of floats (512 bits; the compiler splits it where the CPU has narrower ones).
-typedef float Vec __attribute__((vector_size(kVec * 4)));
-typedef float VecU __attribute__((vector_size(kVec * 4), aligned(4)));  // unaligned access
-inline Vec Load(const float* p) { return *reinterpret_cast<const VecU*>(p); }
+using mmjax_simd::Load;
+using mmjax_simd::Vec;
 
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kBlock = 1024;         // columns per accumulator block

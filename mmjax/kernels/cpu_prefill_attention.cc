@@ -119,8 +119,10 @@ struct Problem {
       for (int64_t r = 0; r < rows; ++r) {
         float* lr = lg + r * kKeyBlock;
         const int64_t t = r / G;
-        const int64_t lo = std::clamp<int64_t>(st[t] - ks - j0, 0, nb);
-        const int64_t hi = std::clamp<int64_t>(en[t] - ks - j0, 0, nb);
+        // The row's own interval, clamped to [0, S] like the block's (a caller may pass any
+        // ints), then to this key block.
+        const int64_t lo = std::clamp<int64_t>(std::clamp<int64_t>(st[t], 0, S) - ks - j0, 0, nb);
+        const int64_t hi = std::clamp<int64_t>(std::clamp<int64_t>(en[t], 0, S) - ks - j0, 0, nb);
         if (hi <= lo) {  // nothing visible in this block
           std::memset(lr, 0, nb * sizeof(float));
           continue;
@@ -134,8 +136,7 @@ struct Problem {
           const Vec x = Load(lr + j);
           mv = ((idx >= lo32) & (idx < hi32) & (x > mv)) ? x : mv;
         }
-        float mx = mv[0];
-        for (int i = 1; i < kLanes; ++i) mx = std::max(mx, mv[i]);
+        const float mx = HMax(mv);
         const float m_new = std::max(buf.m[r], mx);
         const float corr = buf.m[r] == kNegInf ? 0.0f : ExpScalar(buf.m[r] - m_new);
         buf.m[r] = m_new;

@@ -39,6 +39,12 @@ inline float ExpScalar(float x) {
   return Exp(v)[0];
 }
 
+inline float HMax(Vec v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = m > v[i] ? m : v[i];
+  return m;
+}
+
 inline float HSum(Vec v) {
   float s = 0;
   for (int i = 0; i < kLanes; ++i) s += v[i];
