@@ -5,6 +5,7 @@ Tolerances (max |Δ|, fp32) come from tests/tolerances.py: "logits" for the CLIP
 "hidden" for embeddings, hidden states and pooled outputs (both 1e-4)."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -230,3 +231,20 @@ def test_encode_rejects_bad_inputs(bert_pair, clip_pair):
         encode(clip, input_ids=np.zeros((1, 17), np.int64))
     with pytest.raises(InputError, match="not an input"):
         encode(clip, input_ids=ids, pool="cls")
+
+
+def test_encode_keeps_cpu_kernels_off_under_a_mesh(clip_pair):
+    # encode() traces with the CPU custom calls only when the model has no mesh (they have no
+    # sharding rule); both ways give the same numbers.
+    from mmjax.models.clip import _run
+
+    _, model = clip_pair
+    ids, mask = _text_batch()
+    arrays = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask, jnp.int32)}
+    kw = dict(module=model.module, options=())
+    on = _run.lower(model.params, arrays, cpu_kernels=True, **kw).as_text()
+    off = _run.lower(model.params, arrays, cpu_kernels=False, **kw).as_text()
+    assert "mmjax_" in on and "mmjax_" not in off
+    a = _run(model.params, arrays, cpu_kernels=True, **kw)["text_embeds"]
+    b = _run(model.params, arrays, cpu_kernels=False, **kw)["text_embeds"]
+    assert _max_diff(a, b) <= 1e-6

@@ -11,6 +11,7 @@ C channels.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from mmjax.config import ClipVisionConfig, ConfigBase
 from mmjax.errors import InputError
+from mmjax.kernels import cpu_ffi
 from mmjax.layers.linear import Einsum
 from mmjax.layers.norms import LayerNorm
 from mmjax.models.base import param_shapes
@@ -110,9 +112,12 @@ class Clip(nn.Module):
 # ----------------------------------------------------------------------------- encode
 
 
-@functools.partial(jax.jit, static_argnames=("module", "options"))
-def _run(params, batch, *, module, options):
-    return module.apply({"params": params}, batch, **dict(options))
+@functools.partial(jax.jit, static_argnames=("module", "options", "cpu_kernels"))
+def _run(params, batch, *, module, options, cpu_kernels):
+    # Params sharded over a mesh: no CPU custom calls (they have no sharding rule), as in the
+    # generation engine.
+    with contextlib.nullcontext() if cpu_kernels else cpu_ffi.disabled():
+        return module.apply({"params": params}, batch, **dict(options))
 
 
 def encode(model, **inputs) -> dict[str, np.ndarray]:
@@ -143,7 +148,8 @@ def encode(model, **inputs) -> dict[str, np.ndarray]:
     if model.family.check_inputs is not None:
         model.family.check_inputs(model.config, batch)
     arrays = {k: jnp.asarray(v, model.dtype if k == "pixel_values" else jnp.int32) for k, v in batch.items()}
-    out = _run(model.params, arrays, module=module, options=tuple(sorted(options.items())))
+    out = _run(model.params, arrays, module=module, options=tuple(sorted(options.items())),
+               cpu_kernels=model.mesh is None)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
