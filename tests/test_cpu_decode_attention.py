@@ -113,3 +113,18 @@ def test_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="q \\[B, 1, N, H\\]"):
         cda.decode_attention_cpu(rand(1, 2, 4, 8), rand(1, 2, 5, 8), rand(1, 2, 5, 8), jnp.zeros(1, jnp.int32),
                                  jnp.ones(1, jnp.int32))
+
+
+def test_grad_matches_xla():
+    # The custom call has no derivative of its own; jax.grad takes the reference's.
+    B, S, K, G, H = 2, 30, 2, 2, 64
+    q, k, v = rand(B, 1, K * G, H, seed=15), rand(B, K, S, H, seed=16), rand(B, K, S, H, seed=17)
+    mask = MaskSpec(causal=True, q_offset=jnp.array([12, 29]))
+    loss = lambda q, k, v: jnp.sum(jnp.sin(attention_module.attention(q, k, v, mask, impl="xla", kv_layout="BKSH")))
+    grad = lambda: jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2)))(q, k, v)
+    assert cda.TARGET in lowered(loss, q, k, v)
+    got = grad()
+    with cpu_ffi.disabled():
+        want = grad()
+    for a, b in zip(got, want):
+        assert max_err(a, b) <= TOL

@@ -14,6 +14,7 @@ float32, a mask without segment ids, not turned off (MMJAX_CPU_ATTENTION=0, or t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.kernels import cpu_ffi
+from mmjax.kernels.decode_attention import decode_attention_reference
 
 __all__ = ["available", "decode_attention_cpu", "use_for"]
 
@@ -49,10 +51,29 @@ def decode_attention_cpu(q, k, v, start, end, scale: float | None = None):
                          f"got {q.shape}, {k.shape}, {v.shape}")
     if cpu_ffi.load() is None:
         raise RuntimeError(f"decode_attention_cpu: kernel unavailable ({cpu_ffi.error()})")
-    num_kv_heads = k.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    return _decode(q, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), float(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _decode(q, k, v, start, end, scale):
+    batch, _, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = jax.ShapeDtypeStruct(qg.shape, jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
-    o = call(qg, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), scale=np.float32(scale))
-    return o.reshape(q.shape)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(qg.shape, jnp.float32), vmap_method="sequential")
+    return call(qg, k, v, start, end, scale=np.float32(scale)).reshape(q.shape)
+
+
+def _reference(q, k, v, start, end, scale):
+    return decode_attention_reference(q, k.swapaxes(1, 2), v.swapaxes(1, 2), end, kv_starts=start, scale=scale)
+
+
+def _decode_bwd(scale, res, g):
+    # The custom call has no derivative of its own: jax.grad takes the reference's.
+    q, k, v, start, end = res
+    dq, dk, dv = jax.vjp(lambda q, k, v: _reference(q, k, v, start, end, scale), q, k, v)[1](g)
+    return dq, dk, dv, None, None
+
+
+_decode.defvjp(lambda q, k, v, start, end, scale: (_decode(q, k, v, start, end, scale), (q, k, v, start, end)),
+               _decode_bwd)

@@ -52,6 +52,15 @@ def gemv(x, w):
         raise ValueError(f"gemv: float32 only, got {x.dtype} and {w.dtype}")
     if cpu_ffi.load() is None:
         raise RuntimeError(f"gemv: kernel unavailable ({cpu_ffi.error()})")
+    return _gemv(x, w)
+
+
+@jax.custom_vjp
+def _gemv(x, w):
     # Under vmap (a user's own composition) the call runs once per batch element.
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
+
+
+# The custom call has no derivative of its own: jax.grad through it takes XLA's products.
+_gemv.defvjp(lambda x, w: (_gemv(x, w), (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))

@@ -14,6 +14,7 @@ token, float32, head dim a multiple of 16, a mask without segment ids, not turne
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,7 +23,7 @@ import numpy as np
 
 from mmjax.kernels import cpu_ffi
 
-__all__ = ["available", "prefill_attention_cpu", "use_for"]
+__all__ = ["available", "interval_attention_reference", "prefill_attention_cpu", "use_for"]
 
 TARGET = "mmjax_prefill_attention_f32"
 
@@ -50,6 +51,40 @@ def prefill_attention_cpu(q, k, v, start, end, scale: float | None = None):
     if cpu_ffi.load() is None:
         raise RuntimeError(f"prefill_attention_cpu: kernel unavailable ({cpu_ffi.error()})")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
-    return call(q, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), scale=np.float32(scale))
+    return _prefill(q, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), float(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _prefill(q, k, v, start, end, scale):
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    return call(q, k, v, start, end, scale=np.float32(scale))
+
+
+def interval_attention_reference(q, k, v, start, end, scale):
+    """float32 jnp reference: query t of row b sees keys start[b, t] <= s < end[b, t] (clipped
+    to [0, S]); no visible key gives 0. q [B, T, N, H], k/v [B, S, K, H]."""
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    qg = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    hi = jax.lax.Precision.HIGHEST
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision=hi) * scale
+    s = jnp.arange(kv_len)[None, None, :]
+    ok = (s >= jnp.clip(start, 0, kv_len)[..., None]) & (s < jnp.clip(end, 0, kv_len)[..., None])  # [B, T, S]
+    logits = jnp.where(ok[:, None, None], logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - jnp.where(m == -jnp.inf, 0.0, m))
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    probs = e / jnp.where(total == 0.0, 1.0, total)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32), precision=hi)
+    return out.reshape(q.shape)
+
+
+def _prefill_bwd(scale, res, g):
+    # The custom call has no derivative of its own: jax.grad takes the reference's.
+    q, k, v, start, end = res
+    dq, dk, dv = jax.vjp(lambda q, k, v: interval_attention_reference(q, k, v, start, end, scale), q, k, v)[1](g)
+    return dq, dk, dv, None, None
+
+
+_prefill.defvjp(lambda q, k, v, start, end, scale: (_prefill(q, k, v, start, end, scale), (q, k, v, start, end)),
+                _prefill_bwd)
