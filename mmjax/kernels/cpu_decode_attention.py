@@ -14,7 +14,6 @@ float32, a mask without segment ids, not turned off (MMJAX_CPU_ATTENTION=0, or t
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -55,8 +54,7 @@ def decode_attention_cpu(q, k, v, start, end, scale: float | None = None):
     return _decode(q, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), float(scale))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _decode(q, k, v, start, end, scale):
+def _decode_kernel(q, k, v, start, end, scale):
     batch, _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -68,12 +66,4 @@ def _reference(q, k, v, start, end, scale):
     return decode_attention_reference(q, k.swapaxes(1, 2), v.swapaxes(1, 2), end, kv_starts=start, scale=scale)
 
 
-def _decode_bwd(scale, res, g):
-    # The custom call has no derivative of its own: jax.grad takes the reference's.
-    q, k, v, start, end = res
-    dq, dk, dv = jax.vjp(lambda q, k, v: _reference(q, k, v, start, end, scale), q, k, v)[1](g)
-    return dq, dk, dv, None, None
-
-
-_decode.defvjp(lambda q, k, v, start, end, scale: (_decode(q, k, v, start, end, scale), (q, k, v, start, end)),
-               _decode_bwd)
+_decode = cpu_ffi.attention_with_reference_vjp(_decode_kernel, _reference)

@@ -24,7 +24,7 @@ import jax
 
 from mmjax.compile_cache import cache_root
 
-__all__ = ["HEADERS", "SOURCES", "TARGETS", "available", "build", "disabled", "error", "is_disabled", "load", "off_by_env"]
+__all__ = ["HEADERS", "SOURCES", "TARGETS", "attention_with_reference_vjp", "available", "build", "disabled", "error", "is_disabled", "load", "off_by_env"]
 
 _HERE = os.path.dirname(__file__)
 SOURCES = tuple(os.path.join(_HERE, f) for f in ("cpu_gemv.cc", "cpu_decode_attention.cc", "cpu_prefill_attention.cc"))
@@ -101,6 +101,24 @@ def load():
 def error() -> str | None:
     """Why the library could not be built or loaded (None when it was, or not yet tried)."""
     return _state.get("error")
+
+
+def attention_with_reference_vjp(kernel, reference):
+    """kernel(q, k, v, start, end, scale) as a custom_vjp whose backward pass is reference's
+    (same arguments; scale static): the custom calls have no derivative of their own, so
+    jax.grad through them takes the jnp reference's."""
+    f = jax.custom_vjp(kernel, nondiff_argnums=(5,))
+
+    def fwd(q, k, v, start, end, scale):
+        return f(q, k, v, start, end, scale), (q, k, v, start, end)
+
+    def bwd(scale, res, g):
+        q, k, v, start, end = res
+        dq, dk, dv = jax.vjp(lambda q, k, v: reference(q, k, v, start, end, scale), q, k, v)[1](g)
+        return dq, dk, dv, None, None  # no cotangent for the integer intervals
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
 def available(switch: str) -> bool:

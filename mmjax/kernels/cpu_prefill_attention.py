@@ -14,7 +14,6 @@ token, float32, head dim a multiple of 16, a mask without segment ids, not turne
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -54,8 +53,7 @@ def prefill_attention_cpu(q, k, v, start, end, scale: float | None = None):
     return _prefill(q, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), float(scale))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _prefill(q, k, v, start, end, scale):
+def _prefill_kernel(q, k, v, start, end, scale):
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     return call(q, k, v, start, end, scale=np.float32(scale))
 
@@ -79,12 +77,4 @@ def interval_attention_reference(q, k, v, start, end, scale):
     return out.reshape(q.shape)
 
 
-def _prefill_bwd(scale, res, g):
-    # The custom call has no derivative of its own: jax.grad takes the reference's.
-    q, k, v, start, end = res
-    dq, dk, dv = jax.vjp(lambda q, k, v: interval_attention_reference(q, k, v, start, end, scale), q, k, v)[1](g)
-    return dq, dk, dv, None, None
-
-
-_prefill.defvjp(lambda q, k, v, start, end, scale: (_prefill(q, k, v, start, end, scale), (q, k, v, start, end)),
-                _prefill_bwd)
+_prefill = cpu_ffi.attention_with_reference_vjp(_prefill_kernel, interval_attention_reference)
