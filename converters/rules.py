@@ -55,6 +55,9 @@ class Rule:
             self._fail("source must be a non-empty pattern string or a tuple of them")
         if self.target is not None and (not tgts or not all(isinstance(t, str) and t for t in tgts)):
             self._fail("target must be a path string, a tuple of them, or None (drop)")
+        for t in tgts:
+            if "" in t.split("/"):  # "/", "a//b", "/a", "a/": no parameter has an empty name
+                self._fail(f"target {t!r}: a path of '/'-separated names, none empty")
         if not callable(self.transform):
             self._fail(f"transform {self.transform!r} is not callable")
         pats = self._patterns

@@ -25,6 +25,8 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict:
     """{"a/b": x} -> {"a": {"b": x}}; a path given twice, or both a leaf and a parent, is an error."""
     tree: dict = {}
     for path, v in flat.items():
+        if "" in path.split("/"):
+            raise ConversionError(f"{path!r}: a parameter path has an empty name in it")
         *parents, leaf = path.split("/")
         node = tree
         for p in parents:

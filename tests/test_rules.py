@@ -243,6 +243,8 @@ def test_user_lambda_without_shape_parameter():
     (dict(source="a.{i}.{j}.w", target="x"), "at most one placeholder"),
     (dict(source="a.{i.w", target="x"), "braces"),
     (dict(source="a.w", target="x", transform=3), "not callable"),
+    (dict(source="a.w", target="/"), "none empty"),  # found by test_fuzz: flattened to ''
+    (dict(source="a.w", target="x//kernel"), "none empty"),
 ])
 def test_bad_rules_fail_at_construction(kwargs, pattern):
     with pytest.raises(ConversionError, match=pattern):
@@ -261,3 +263,5 @@ def test_flatten_unflatten_roundtrip():
     assert unflatten(flatten(tree)) == tree
     with pytest.raises(ConversionError, match="both a parameter and a parent"):
         unflatten({"a": 1, "a/b": 2})
+    with pytest.raises(ConversionError, match="empty name"):
+        unflatten({"a/": 1})
