@@ -5,7 +5,7 @@
 
 Flow: CKPT/config.json -> family (--model, else registry.get(config["model_type"])) ->
 cfg = family.config_from_hf(config) -> target parameter shapes (model_param_shapes, nothing
-allocated) -> rules (family.rules(cfg), or RULES of a --rules file) -> build_plan (every tensor
+allocated) -> rules (converters.families.rules_for(family), or RULES of a --rules file) -> build_plan (every tensor
 and every parameter checked before any data is read) -> execute, one source tensor at a time ->
 optional NaN/Inf check -> atomic write of OUT (converters.writer).
 """
@@ -23,6 +23,7 @@ import warnings
 from typing import Any, Sequence
 
 from converters.readers import nonfinite, open_checkpoint
+from converters.families import rules_for as family_rules
 from converters.rules import Plan, Rule, build_plan, flatten, resolve_dtype
 from converters.writer import check_out, staged_output, write_model_folder
 from mmjax import registry
@@ -135,7 +136,7 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
     """Convert checkpoint folder `ckpt` into mmjax folder `out`; returns a Summary.
 
     model: "pkg.mod:FAMILY", a registered name, or a Family (default: config.json's model_type).
-    rules: list of Rule, callable cfg -> list, or a rules .py file (default: family.rules(cfg)).
+    rules: list of Rule, callable cfg -> list, or a rules .py file (default: the family's registered rules, converters.families).
     dtype: "float32" / "bfloat16" for floating params (None keeps the checkpoint's dtypes).
     strict: NaN/Inf in any converted parameter is an error (otherwise a warning).
     dry_run: build and check the plan, fill Summary.table, write nothing."""
@@ -161,7 +162,12 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
         raise CheckpointError(f"{os.path.join(ckpt, 'config.json')}: family {family.name!r} cannot read it: "
                               f"{type(e).__name__}: {e}") from e
     targets = model_param_shapes(family, cfg)
-    rule_list = load_rules(rules, cfg) if rules is not None else load_rules(family.rules, cfg)
+    if rules is None:
+        rules = family_rules(family.name)
+        if rules is None:
+            raise ConversionError(f"family {family.name!r} has no registered converter rules: pass --rules "
+                                  "my_rules.py, or call converters.families.register_rules in the family's module")
+    rule_list = load_rules(rules, cfg)
 
     with open_checkpoint(ckpt) as reader:
         plan = build_plan(reader.tensors(), rule_list, targets)

@@ -1,4 +1,4 @@
-"""mmjax.parity.compare: clean on the tutorial model (AcmeVLM) and on LLaVA; with q and k swapped
+"""converters.parity.compare: clean on the tutorial model (AcmeVLM) and on LLaVA; with q and k swapped
 in one decoder layer by a wrong rule it names that layer as the first divergence."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import mmjax
 from converters.rules import Rule
 from converters.torch2flax import convert
 from mmjax.errors import InputError
-from mmjax.parity import _align, compare, default_points
+from converters.parity import _align, compare, default_points
 from tests.custom_vlm.checkpoint import save_acme_checkpoint
 from tests.custom_vlm.rules import RULES
 from tests.custom_vlm.torch_model import build_acme

@@ -1,4 +1,4 @@
-"""BERT checkpoint layout -> mmjax.models.bert param tree (encoder/*).
+"""BERT checkpoint layout -> the bert family's param tree (encoder/*).
 
 Two key layouts are accepted (each source tensor matches exactly one of them):
   BertModel:                      embeddings.*, encoder.layer.{i}.*, pooler.dense.*
@@ -8,22 +8,14 @@ BertConfig.has_pooler (from config.json "architectures") says whether pooler.den
 """
 from __future__ import annotations
 
+from converters.families.common import attention, linear, norm
 from converters.rules import Rule
-from converters.transforms import (bias_to_heads, embedding, heads_to_linear_out, identity, linear_to_heads,
-                                   norm_scale, transpose_linear)
+from converters.transforms import embedding
 
 __all__ = ["bert_rules"]
 
 _PREFIXES = ("", "bert.")
-_QKV = (("query", "q"), ("key", "k"), ("value", "v"))
-
-
-def _layernorm(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/scale", norm_scale), Rule(f"{src}.bias", f"{dst}/bias", identity)]
-
-
-def _linear(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/kernel", transpose_linear), Rule(f"{src}.bias", f"{dst}/bias", identity)]
+_QKV = ("self.query", "self.key", "self.value")
 
 
 def _layout(p: str, dst: str, has_pooler: bool) -> list[Rule]:
@@ -36,16 +28,13 @@ def _layout(p: str, dst: str, has_pooler: bool) -> list[Rule]:
         # Buffers (arange / zeros) that older exports keep; recomputed at run time.
         Rule(f"{E}.position_ids", None),
         Rule(f"{E}.token_type_ids", None),
-        *_layernorm(f"{E}.LayerNorm", f"{dst}/embed_norm"),
-        *[Rule(f"{A}.self.{s}.weight", f"{T}/attn/{d}/kernel", linear_to_heads) for s, d in _QKV],
-        *[Rule(f"{A}.self.{s}.bias", f"{T}/attn/{d}/bias", bias_to_heads) for s, d in _QKV],
-        Rule(f"{A}.output.dense.weight", f"{T}/attn/o/kernel", heads_to_linear_out),
-        Rule(f"{A}.output.dense.bias", f"{T}/attn/o/bias", identity),
-        *_layernorm(f"{A}.output.LayerNorm", f"{T}/attn_norm"),
-        *_linear(f"{L}.intermediate.dense", f"{T}/mlp/fc1"),
-        *_linear(f"{L}.output.dense", f"{T}/mlp/fc2"),
-        *_layernorm(f"{L}.output.LayerNorm", f"{T}/mlp_norm"),
-        *(_linear(f"{p}pooler.dense", f"{dst}/pooler") if has_pooler else []),
+        *norm(f"{E}.LayerNorm", f"{dst}/embed_norm"),
+        *attention(A, f"{T}/attn", "output.dense", True, True, names=_QKV),
+        *norm(f"{A}.output.LayerNorm", f"{T}/attn_norm"),
+        *linear(f"{L}.intermediate.dense", f"{T}/mlp/fc1"),
+        *linear(f"{L}.output.dense", f"{T}/mlp/fc2"),
+        *norm(f"{L}.output.LayerNorm", f"{T}/mlp_norm"),
+        *(linear(f"{p}pooler.dense", f"{dst}/pooler") if has_pooler else []),
     ]
 
 

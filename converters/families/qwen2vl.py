@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL checkpoint layout -> mmjax.models.qwen2vl param tree.
+"""Qwen2-VL / Qwen2.5-VL checkpoint layout -> the qwen2_vl family's param tree (mmjax.families.qwen2vl).
 
 Two key layouts are accepted (each source tensor matches exactly one of them):
   hub and transformers 5 save_pretrained:  visual.*,       model.layers.*,                lm_head
@@ -10,23 +10,14 @@ uses the same [D, N, H] projection layout as every other attention in mmjax.
 """
 from __future__ import annotations
 
-from converters.families.llava import llama_rules
+from converters.families.common import linear, llama_rules, norm
 from converters.rules import Rule
 from converters.transforms import (bias_to_heads, compose, conv3d_oidhw_to_dhwio, heads_to_linear_out, identity,
-                                   linear_to_heads, norm_scale, split_qkv, transpose_linear)
+                                   linear_to_heads, split_qkv)
 
 __all__ = ["qwen2vl_vision_rules", "qwen2vl_rules"]
 
 _QKV = ("q", "k", "v")
-
-
-def _linear(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/kernel", transpose_linear), Rule(f"{src}.bias", f"{dst}/bias", identity)]
-
-
-def _norm(src: str, dst: str, bias: bool) -> list[Rule]:
-    rules = [Rule(f"{src}.weight", f"{dst}/scale", norm_scale)]
-    return rules + ([Rule(f"{src}.bias", f"{dst}/bias", identity)] if bias else [])
 
 
 def qwen2vl_vision_rules(p: str, dst: str, cfg) -> list[Rule]:
@@ -37,16 +28,16 @@ def qwen2vl_vision_rules(p: str, dst: str, cfg) -> list[Rule]:
         ("fc1", "fc1"), ("fc2", "fc2"))
     return [
         Rule(f"{p}.patch_embed.proj.weight", f"{dst}/patch_embed", conv3d_oidhw_to_dhwio),
-        *_norm(f"{B}.norm1", f"{T}/norm1", ln),
-        *_norm(f"{B}.norm2", f"{T}/norm2", ln),
+        *norm(f"{B}.norm1", f"{T}/norm1", ln),
+        *norm(f"{B}.norm2", f"{T}/norm2", ln),
         Rule(f"{B}.attn.qkv.weight", tuple(f"{T}/attn/{n}/kernel" for n in _QKV), compose(split_qkv, linear_to_heads)),
         Rule(f"{B}.attn.qkv.bias", tuple(f"{T}/attn/{n}/bias" for n in _QKV), compose(split_qkv, bias_to_heads)),
         Rule(f"{B}.attn.proj.weight", f"{T}/attn/o/kernel", heads_to_linear_out),
         Rule(f"{B}.attn.proj.bias", f"{T}/attn/o/bias", identity),
-        *[r for src, d in mlp for r in _linear(f"{B}.mlp.{src}", f"{T}/mlp/{d}")],
-        *_norm(f"{p}.merger.ln_q", f"{dst}/merger/norm", ln),
-        *_linear(f"{p}.merger.mlp.0", f"{dst}/merger/mlp/fc1"),  # mlp.1 is the GELU (no weights)
-        *_linear(f"{p}.merger.mlp.2", f"{dst}/merger/mlp/fc2"),
+        *[r for src, d in mlp for r in linear(f"{B}.mlp.{src}", f"{T}/mlp/{d}")],
+        *norm(f"{p}.merger.ln_q", f"{dst}/merger/norm", ln),
+        *linear(f"{p}.merger.mlp.0", f"{dst}/merger/mlp/fc1"),  # mlp.1 is the GELU (no weights)
+        *linear(f"{p}.merger.mlp.2", f"{dst}/merger/mlp/fc2"),
         Rule(f"{p}.rotary_pos_emb.inv_freq", None),  # recomputed from the config
     ]
 

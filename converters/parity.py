@@ -1,6 +1,6 @@
 """Layer-by-layer parity between a PyTorch model and its mmjax port: where do they first differ?
 
-    report = mmjax.parity.compare(torch_model, {"pixels": px, "text_ids": ids},
+    report = converters.parity.compare(torch_model, {"pixels": px, "text_ids": ids},
                                   model, {"input_ids": ids_with_prefix, "pixel_values": px})
     report.first_divergence   # None, or the earliest point past tolerance
 
@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from converters.families import rules_for
+from converters.rules import build_plan
 from mmjax.errors import InputError
 from mmjax.tree import flatten_params
 
@@ -114,7 +116,6 @@ def _under(name: str, prefix: str, sep: str) -> bool:
 
 def default_points(torch_model, rules, param_tree) -> dict[str, str]:
     """{flax module path: torch module name} implied by the converter rules (see the module doc)."""
-    from converters.rules import build_plan
 
     sd = torch_model.state_dict()
     sources = {n: (tuple(t.shape), str(t.dtype).replace("torch.", "")) for n, t in sd.items()}
@@ -297,8 +298,11 @@ def compare(torch_model, torch_inputs, model, inputs: Mapping, points: Mapping[s
         if rules is None:
             if family is None:
                 raise InputError("compare: a (module, params) model needs rules= or points= to pair intermediates")
-            rules = family.rules
-        from converters.torch2flax import load_rules
+            rules = rules_for(family.name)
+            if rules is None:
+                raise InputError(f"compare: family {family.name!r} has no registered converter rules; pass rules=")
+
+        from converters.torch2flax import load_rules  # torch2flax imports the whole converter
 
         mapping = default_points(torch_model, load_rules(rules, cfg), params)
     else:
