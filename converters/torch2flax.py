@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ from converters.rules import Plan, Rule, build_plan, flatten, resolve_dtype
 from converters.writer import check_out, staged_output, write_model_folder
 from mmjax import registry
 from mmjax.errors import CheckpointError, ConversionError, MmjaxError
+from mmjax.jsonfile import read_json
 
 __all__ = ["convert", "main", "model_param_shapes", "load_rules", "Summary"]
 
@@ -106,17 +106,8 @@ def load_rules(spec, cfg: Any) -> list[Rule]:
 
 
 def _read_config(ckpt: str) -> dict:
-    path = os.path.join(ckpt, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the converter needs the checkpoint's config.json") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(cfg).__name__}, expected an object")
-    return cfg
+    return read_json(os.path.join(ckpt, "config.json"), what="the converter needs the checkpoint's config.json",
+                     error=CheckpointError)
 
 
 def _family(model, hf_config: dict, ckpt: str) -> registry.Family:

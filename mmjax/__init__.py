@@ -4,7 +4,7 @@
     out = mmjax.generate(model, [image], "<image> Describe it.", max_new_tokens=64)
 """
 from mmjax.api import GenerationOutput, Model, forward, generate, load
-from mmjax.models.clip import encode
+from mmjax.encode import encode
 
 __all__ = ["load", "forward", "generate", "encode", "Model", "GenerationOutput"]
 __version__ = "0.1.0"

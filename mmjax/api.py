@@ -1,9 +1,11 @@
-"""The public entry points: load, forward, generate (and Model.preprocess)."""
+"""The public entry points: load, forward, generate (and Model.preprocess); encode is in
+mmjax.encode. This module only checks arguments and moves data: the host-side input work is the
+family's processor and prepare step (mmjax.preprocess), the steps and the loop are the engine's
+(mmjax.generation)."""
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -17,6 +19,8 @@ from mmjax.bucketing import DEFAULT_BUCKETS, Buckets, pick
 from mmjax.errors import InputError, LoadError, MmjaxError, UnknownModelError
 from mmjax.generation.engine import Engine
 from mmjax.generation.sampling import SamplingParams
+from mmjax.generation.state import StepArgs
+from mmjax.jsonfile import read_json
 from mmjax.models.base import param_shapes
 from mmjax.sharding import make_mesh, param_shardings, shard_batch, state_shardings, to_host
 from mmjax.tree import flatten_params
@@ -67,19 +71,6 @@ class GenerationOutput:
     timings: dict
 
 
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise LoadError(f"{path}: {what} is missing (is this a folder written by converters.torch2flax?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nesting
-        raise LoadError(f"{path}: {what} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise LoadError(f"{path}: {what} must hold a JSON object")
-    return d
-
-
 def _check_family_spec(path: str, spec) -> None:
     """A "pkg.mod:ATTR" family is imported, but never from the (possibly downloaded) model folder
     itself: with that folder as the working directory, `import pkg` would run the code it ships."""
@@ -116,7 +107,8 @@ def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise LoadError(f"{path}: not a folder")
-    meta = _read_json(os.path.join(path, "mmjax_config.json"), "mmjax_config.json")
+    meta = read_json(os.path.join(path, "mmjax_config.json"),
+                     what="is this a folder written by converters.torch2flax?")
     _check_family_spec(path, meta.get("family_spec") or meta.get("family"))
     try:
         family = registry.resolve(meta.get("family_spec") or meta["family"])  # UnknownModelError names it
@@ -184,12 +176,10 @@ def forward(model: Model, input_ids, attention_mask=None, pixel_values=None, **e
     for k, v in extra.items():
         if v is not None:
             batch[k] = jnp.asarray(v)
-    if model.family.check_inputs is not None:
-        model.family.check_inputs(model.config, batch)
-    if model.family.pad_inputs is not None:  # host-built inputs (Qwen2-VL: M-RoPE positions), buckets=None: exact sizes
+    if model.family.prepare is not None:  # checks; host-built inputs (Qwen2-VL: M-RoPE positions), exact sizes
         host = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, **extra}
         host = {k: np.asarray(v) for k, v in host.items() if v is not None}
-        for k, v in model.family.pad_inputs(model.config, host, None, *batch["input_ids"].shape).items():
+        for k, v in model.family.prepare(model.config, host).items():
             batch[k] = jnp.asarray(v, model.dtype if k == "pixel_values" else None)
     return to_host(model.engine.forward(model.params, _on_mesh(model, batch)))
 
@@ -199,25 +189,16 @@ def _on_mesh(model: Model, batch: dict) -> dict:
     return batch if model.mesh is None else shard_batch(model.mesh, batch)
 
 
-def _pad_rows(a: np.ndarray, rows: int, cols: int | None = None, fill=0) -> np.ndarray:
-    shape = (rows,) + ((cols,) if cols is not None else a.shape[1:2]) + a.shape[2:]
-    out = np.full(shape, fill, a.dtype)
-    out[: a.shape[0], : a.shape[1]] = a
-    return out
-
-
 def _bucketed_batch(model: Model, inputs: dict, lengths: np.ndarray) -> dict:
-    """Pad every array to its bucket: rows, prompt length, image count (one compile per bucket)."""
+    """Pad every array to its bucket: rows, prompt length, image count / patches (one compile per bucket)."""
     bk = model.buckets
     B, T = np.asarray(inputs["input_ids"]).shape
     Bb, Tb = pick(B, bk.batch, "batch size"), pick(int(lengths.max()), bk.prompt, "prompt length")
-    ids = _pad_rows(np.asarray(inputs["input_ids"], np.int32)[:, :Tb], Bb, Tb)
+    ids = np.zeros((Bb, Tb), np.int32)
+    ids[:B, :min(T, Tb)] = np.asarray(inputs["input_ids"], np.int32)[:, :Tb]
     batch = {"input_ids": ids}
-    if model.family.pad_inputs is not None:
-        batch.update(model.family.pad_inputs(model.config, inputs, bk, Bb, Tb))
-    elif inputs.get("pixel_values") is not None:
-        px = np.asarray(inputs["pixel_values"])
-        batch["pixel_values"] = _pad_rows(px, pick(px.shape[0], bk.images, "number of images"))
+    if model.family.prepare is not None:
+        batch.update(model.family.prepare(model.config, inputs, bk, Bb, Tb))
     return {k: jnp.asarray(v, model.dtype if k == "pixel_values" else None) for k, v in batch.items()}
 
 
@@ -243,59 +224,44 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
     inputs = model.preprocess(images, prompt, chat_template=chat_template)
     lengths = _lengths(inputs["input_ids"], inputs.get("attention_mask"))
     B = lengths.shape[0]
-    limit = getattr(model.config, "text", model.config).max_position_embeddings
+    limit = model.config.text.max_position_embeddings
     if int(lengths.max()) + max_new_tokens > limit:
         if not truncate or int(lengths.max()) >= limit:
             raise InputError(f"prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens} exceeds the "
                              f"context of {limit} tokens (pass truncate=True to shorten max_new_tokens)")
         max_new_tokens = limit - int(lengths.max())
         min_new_tokens = min(min_new_tokens, max_new_tokens)
-    if model.family.check_inputs is not None:
-        model.family.check_inputs(model.config, inputs)
+    stops = _stop_ids(model, stop_token_ids)
     batch = _on_mesh(model, _bucketed_batch(model, inputs, lengths))
-    Bb, Tb = batch["input_ids"].shape
-    lens = np.ones((Bb,), np.int32)
+    Bb = batch["input_ids"].shape[0]
+    lens = np.ones((Bb,), np.int32)  # padding rows: one token, never read
     lens[:B] = lengths
-    vocab = getattr(getattr(model.config, "text", model.config), "vocab_size", None)
+    slots = pick(max_new_tokens, model.buckets.token_slots, "max_new_tokens")
+    args = StepArgs.make(sp, stops, min_new_tokens, max_new_tokens, MAX_STOP_IDS)
+    t1 = time.perf_counter()
+    res = model.engine.run(model.params, batch, _on_mesh(model, {"lens": jnp.asarray(lens)})["lens"], args, rows=B,
+                           max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop_ids=stops,
+                           cache_len=model.buckets.cache_length(int(lengths.max()), max_new_tokens),
+                           token_slots=slots, greedy=sp.greedy, to_host=to_host)
+    texts = [model.tokenizer.decode(r) for r in res.rows]
+    steps = res.steps
+    timings = {"preprocess_s": t1 - t0, "prefill_s": res.prefill_s, "decode_s": res.decode_s, "steps": steps,
+               "decode_tok_s": (steps - 1) * B / res.decode_s if steps > 1 and res.decode_s > 0 else float("nan")}
+    single = isinstance(prompt, (str, bytes, bytearray))  # bytes: one UTF-8 prompt, as in preprocess
+    prompt_tokens = [np.asarray(inputs["input_ids"])[r, : lengths[r]].tolist() for r in range(B)]
+    return GenerationOutput(texts[0] if single else texts, res.rows[0] if single else res.rows,
+                            prompt_tokens[0] if single else prompt_tokens, timings)
+
+
+def _stop_ids(model: Model, stop_token_ids) -> list[int]:
+    """EOS ids of the tokenizer + the caller's, checked (an out-of-range id would never match)."""
+    vocab = getattr(model.config.text, "vocab_size", None)
     if stop_token_ids is not None and not isinstance(stop_token_ids, (list, tuple, set, frozenset)):
         raise InputError(f"stop_token_ids must be a list of token ids, got {type(stop_token_ids).__name__}")
-    for t in stop_token_ids if stop_token_ids is not None else ():  # out-of-range ids would never match
+    for t in stop_token_ids if stop_token_ids is not None else ():
         if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 or (vocab is not None and t >= vocab):
             raise InputError(f"stop_token_ids: {t!r} is not a token id in [0, {vocab})")
     stops = sorted(set(model.tokenizer.eos_token_ids if model.processor is not None else ()) | set(stop_token_ids or ()))
     if len(stops) > MAX_STOP_IDS:
         raise InputError(f"stop_token_ids: at most {MAX_STOP_IDS} stop tokens, got {len(stops)}")
-    stop_arr = jnp.asarray(stops + [-1] * (MAX_STOP_IDS - len(stops)), jnp.int32)
-    M = pick(max_new_tokens, model.buckets.new_tokens, "max_new_tokens")
-    cache_len = model.buckets.cache_length(int(lengths.max()), max_new_tokens)  # = Tb + M
-    key = jax.random.PRNGKey(seed)
-    args = (sp.arrays(), stop_arr, jnp.int32(min_new_tokens), jnp.int32(max_new_tokens), key)
-    t1 = time.perf_counter()
-    state = model.engine.prefill(model.params, batch, _on_mesh(model, {"lens": jnp.asarray(lens)})["lens"], *args,
-                                 cache_len=cache_len, max_new=M, greedy=sp.greedy)
-    state["done"].block_until_ready()
-    t2 = time.perf_counter()
-    for i in range(1, max_new_tokens):
-        # a host sync every 8 steps to stop early; finished rows only emit padding meanwhile
-        if i % 8 == 0 and bool(to_host(state["done"])[:B].all()):
-            break
-        state = model.engine.decode_step(model.params, state, *args, greedy=sp.greedy)
-    tokens = to_host(state["tokens"])[:B, :max_new_tokens]
-    steps = int(state["step"])
-    t3 = time.perf_counter()
-    stop_set = set(stops)
-    rows = []
-    for r in range(B):
-        out = []
-        for t in tokens[r, :steps].tolist():
-            out.append(t)
-            if t in stop_set and len(out) > min_new_tokens:
-                break
-        rows.append(out)
-    texts = [model.tokenizer.decode(r) for r in rows]
-    timings = {"preprocess_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2, "steps": steps,
-               "decode_tok_s": (steps - 1) * B / (t3 - t2) if steps > 1 and t3 > t2 else float("nan")}
-    single = isinstance(prompt, (str, bytes, bytearray))  # bytes: one UTF-8 prompt, as in preprocess
-    prompt_tokens = [np.asarray(inputs["input_ids"])[r, : lengths[r]].tolist() for r in range(B)]
-    return GenerationOutput(texts[0] if single else texts, rows[0] if single else rows,
-                            prompt_tokens[0] if single else prompt_tokens, timings)
+    return [int(t) for t in stops]

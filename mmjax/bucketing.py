@@ -41,11 +41,13 @@ class Buckets:
     batch: tuple[int, ...] = _pow2(1, 256)  # rows
     images: tuple[int, ...] = _pow2(1, 64)  # images in one call
     patches: tuple[int, ...] = _pow2(64, 65536)  # native-resolution patches (Qwen2-VL)
-    new_tokens: tuple[int, ...] = _pow2(16, 16384)  # decode steps (cache = prompt + new)
+    # Token slots: room for generated tokens in the state and the cache, a bucket >= the request's
+    # max_new_tokens (which stays exact: a row stops at max_new_tokens, not at the slot count).
+    token_slots: tuple[int, ...] = _pow2(16, 16384)
 
     def cache_length(self, prompt_len: int, max_new_tokens: int) -> int:
-        """KV cache length: prompt bucket + new-token bucket (both from finite sets)."""
-        return pick(prompt_len, self.prompt, "prompt length") + pick(max_new_tokens, self.new_tokens, "max_new_tokens")
+        """KV cache length: prompt bucket + token slots (both from finite sets)."""
+        return pick(prompt_len, self.prompt, "prompt length") + pick(max_new_tokens, self.token_slots, "max_new_tokens")
 
 
 DEFAULT_BUCKETS = Buckets()

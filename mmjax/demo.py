@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -35,7 +37,6 @@ def main(argv=None) -> int:
     import torch
 
     import mmjax
-    from converters.torch2flax import convert
     from mmjax.testing.checkpoints import save_tiny_llava, tiny_llava_config
 
     shutil.rmtree(args.out, ignore_errors=True)
@@ -45,8 +46,13 @@ def main(argv=None) -> int:
                             vision_hidden=64, vision_layers=3, image_size=64, patch_size=16)
     _, hf_model, hf_proc = save_tiny_llava(hf_dir, cfg)
     print(f"1. built a random LLaVA checkpoint with save_pretrained -> {hf_dir} ({time.perf_counter() - t:.1f} s)")
-    summary = convert(hf_dir, flax_dir, progress=False)
-    print(f"2. converted -> {flax_dir}: {summary}")
+    # the user's command (mmjax itself never imports the converter)
+    cmd = [sys.executable, "-m", "converters.torch2flax", hf_dir, "--out", flax_dir]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stdout + done.stderr)
+        return done.returncode
+    print(f"2. {' '.join(['python'] + cmd[1:])}\n   {done.stdout.strip()}")
     t = time.perf_counter()
     model = mmjax.load(flax_dir)
     print(f"3. mmjax.load ({time.perf_counter() - t:.2f} s)")

@@ -1,10 +1,14 @@
 """Exact-name registry of model families.
 
 A *family* is everything mmjax needs to run one architecture: how to read its HF
-config, how to build its Flax module, the converter rules that map its torch
-tensor names onto the module's parameter tree, its preprocessor, and its sharding
-rules. Families register under the exact `model_type` string of the checkpoint's
-config.json (no fuzzy matching); a custom model registers under a name of its own.
+config, how to build its Flax module, its processor and prepare step (host side), and its
+sharding rules. Families register under the exact `model_type` string of the checkpoint's
+config.json (no fuzzy matching); a custom model registers under a name of its own. The
+converter rules that map its torch tensor names onto the module's parameter tree live on the
+converters side (converters.families), which imports mmjax, never the reverse.
+
+Built-in families are files of mmjax/families/ (a VLM is a composed model: see
+mmjax.families.composed.composed_family).
 """
 from __future__ import annotations
 
@@ -24,21 +28,17 @@ class Family:
     config_cls: type
     # (config, dtype) -> flax.linen.Module implementing the protocol in mmjax.models.base.
     build: Callable[..., Any]
-    # config -> list[converters.rules.Rule]
-    rules: Callable[[Any], list]
-    # (checkpoint folder, config) -> preprocessor with .__call__(images, prompt, ...) -> dict
+    # (checkpoint folder, config) -> processor with .__call__(images, prompt, ...) -> dict
     processor: Callable[[str, Any], Any] | None = None
     # config -> list[(regex on "a/b/c" param path, PartitionSpec-like tuple of logical axes)]
     sharding: Callable[[Any], list] | None = None
-    # (config, preprocess output, Buckets, rows, tokens) -> dict of padded image inputs for
-    # generation (None = pad pixel_values to the image-count bucket).
-    pad_inputs: Callable | None = None
-    # (config, batch of arrays) -> None; raises InputError on inconsistent inputs (host side).
-    check_inputs: Callable | None = None
+    # The host-side prepare step: (config, HF-named numpy inputs, Buckets | None, rows, tokens)
+    # -> the batch arrays besides input_ids, checked (InputError) and, with buckets, padded.
+    prepare: Callable | None = None
 
 
 _REGISTRY: dict[str, Family] = {}
-_BUILTIN_MODULES = ("mmjax.models.llava", "mmjax.models.clip", "mmjax.models.bert", "mmjax.models.qwen2vl")
+_BUILTIN_MODULES = ("mmjax.families.llava", "mmjax.families.qwen2vl", "mmjax.families.clip", "mmjax.families.bert")
 
 
 def register(family: Family) -> Family:

@@ -419,7 +419,7 @@ def _edit_image_processor(**changes):
 
 
 LOAD_CASES = {
-    "no_mmjax_config": (_rm("mmjax_config.json"), LoadError, r"mmjax_config\.json: mmjax_config\.json is missing"),
+    "no_mmjax_config": (_rm("mmjax_config.json"), LoadError, r"mmjax_config\.json: missing; is this a folder written by converters\.torch2flax"),
     "no_params": (_rm("params"), LoadError, r"/params: no orbax checkpoint folder here"),
     "no_tokenizer": (_rm("tokenizer.json"), LoadError, r"no tokenizer\.json"),
     "truncated_params_data": (_truncate_largest_params_file, LoadError,
@@ -427,9 +427,9 @@ LOAD_CASES = {
     "garbage_orbax_metadata": (_write("params/_METADATA", "{garbage"), LoadError,
                                r"/params: .*metadata .*(missing|corrupt)"),
     "garbage_mmjax_config": (_write("mmjax_config.json", '{"family": "llava", "config": {'), LoadError,
-                             r"mmjax_config\.json: mmjax_config\.json is not valid JSON"),
+                             r"mmjax_config\.json: not valid JSON"),
     "deeply_nested_mmjax_config": (_write("mmjax_config.json", "[" * 100_000), LoadError,
-                                   r"mmjax_config\.json: mmjax_config\.json is not valid JSON"),
+                                   r"mmjax_config\.json: not valid JSON"),
     "garbage_tokenizer": (_write("tokenizer.json", "{garbage"), LoadError, r"tokenizer\.json: cannot parse"),
     "deeply_nested_tokenizer_config": (_write("tokenizer_config.json", "[" * 100_000), LoadError,
                                        r"tokenizer_config\.json: not valid JSON"),

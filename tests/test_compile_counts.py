@@ -46,7 +46,7 @@ def test_forty_requests_compile_once_per_bucket(model):
         inputs = model.preprocess(images, prompts)
         B, T = len(prompts), int(inputs["attention_mask"].sum(1).max())
         n_img = sum(1 for i in images if i)
-        Bb, Tb, M = pick(B, bk.batch, "b"), pick(T, bk.prompt, "t"), pick(new, bk.new_tokens, "m")
+        Bb, Tb, M = pick(B, bk.batch, "b"), pick(T, bk.prompt, "t"), pick(new, bk.token_slots, "m")
         Ib = pick(n_img, bk.images, "i") if n_img else 0
         prefill_keys.add((Bb, Tb, Ib, M))
         decode_keys.add((Bb, Tb + M, M))

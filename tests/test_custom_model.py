@@ -28,7 +28,9 @@ from converters.rules import Rule, build_plan
 from converters.torch2flax import main as convert_cli
 from converters.transforms import (bias_to_heads, compose, conv_oihw_to_hwio, embedding, heads_to_linear_out,
                                    identity, linear_to_heads, norm_scale, reshape, split_qkv, transpose_linear)
-from mmjax.components import ComposedConfig, ComposedVLM, check_composed_inputs, composed_sharding
+from mmjax.families.composed import composed_sharding
+from mmjax.models.composed import ComposedConfig, ComposedVLM
+from mmjax.preprocess.composed import check_composed_inputs
 from mmjax.decoders.neox import NeoXConfig, NeoXDecoder
 from mmjax.errors import InputError
 from mmjax.kernels.attention import MaskSpec
@@ -179,7 +181,7 @@ def test_composed_config_round_trips_and_names_mistakes(tutorial):
     cfg = tutorial["cfg"]
     assert ComposedConfig.from_dict(dataclasses.asdict(cfg)) == cfg == ComposedConfig.from_spec(cfg.to_spec())
     spec = cfg.to_spec()
-    with pytest.raises(ValueError, match=r"unknown projector component 'perceiver'; registered: linear, mlp, "
+    with pytest.raises(ValueError, match=r"unknown projector component 'perceiver'; registered: identity, linear, mlp, "
                                          r"pixel_shuffle, resampler"):
         ComposedConfig.from_spec({**spec, "projector": {**spec["projector"], "type": "perceiver"}})
     with pytest.raises(ValueError, match=r"projector.out_features 32 != decoder.hidden_size 64"):

@@ -57,7 +57,8 @@ def test_fp32_prefill_logits_and_vision_features(fp32):
         ref_logits = hf_model(**ref).logits.numpy()
         ref_feats = hf_model.model.get_image_features(
             ref["pixel_values"], vision_feature_layer=-2, vision_feature_select_strategy="default").pooler_output
-    feats = model.module.apply({"params": model.params}, inputs["pixel_values"], method="image_features")
+    feats = model.module.apply({"params": model.params}, {"pixel_values": inputs["pixel_values"]},
+                                method="image_features")
     assert logits.shape == ref_logits.shape
     assert np.abs(logits - ref_logits).max() <= tol("float32", "logits")
     assert np.abs(np.asarray(feats) - torch.stack(ref_feats).numpy()).max() <= tol("float32", "vision_features")
@@ -113,7 +114,8 @@ def test_checkpoint_formats(tmp_path, variant):
                 vision_feature_select_strategy="default").pooler_output).float().numpy()
         inputs16 = m16.preprocess([img], PROMPT)
         got16 = mmjax.forward(m16, **inputs16)
-        feats16 = m16.module.apply({"params": m16.params}, inputs16["pixel_values"], method="image_features")
+        feats16 = m16.module.apply({"params": m16.params}, {"pixel_values": inputs16["pixel_values"]},
+                                  method="image_features")
         assert np.abs(got16 - ref16).max() <= tol("bfloat16", "logits")
         assert np.abs(np.asarray(feats16, np.float32) - ref16_feats).max() <= tol("bfloat16", "vision_features")
         # The same bf16 weights upcast: fp32 parity and identical greedy tokens.

@@ -17,7 +17,8 @@ import mmjax
 from converters.torch2flax import convert, main as convert_cli
 from mmjax.bucketing import Buckets
 from mmjax.errors import InputError
-from mmjax.models.qwen2vl import Qwen2VL, check_inputs, model_inputs, mrope_positions
+from mmjax.models.composed import ComposedVLM
+from mmjax.preprocess.qwen2vl import check_inputs, mrope_positions, prepare
 from mmjax.profiling import count_compiles
 from mmjax.testing.qwen_checkpoints import save_tiny_qwen2vl
 from mmjax.vision.qwen2vl import vision_inputs
@@ -37,7 +38,7 @@ def _image(h, w, seed):
 # D -> 10x12 patches (120).
 IMAGES = {"A": _image(112, 112, 0), "B": _image(84, 140, 1), "C": _image(100, 130, 2), "D": _image(140, 168, 3)}
 CASES = {"A": ["A"], "B": ["B"], "A+B": ["A", "B"], "text": []}
-PARITY_BUCKETS = Buckets(prompt=(64,), batch=(1,), patches=(128,), new_tokens=(32,))
+PARITY_BUCKETS = Buckets(prompt=(64,), batch=(1,), patches=(128,), token_slots=(32,))
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +123,10 @@ def test_window_attention_is_what_matches_hf(ckpts):
     assert len(np.unique(segs[:64])) == 4 and len(np.unique(segs[64:])) == 6  # windows really split
     with torch.no_grad():
         want = torch.cat(hf.model.get_image_features(ref["pixel_values"], ref["image_grid_thw"]).pooler_output).numpy()
-    batch = {k: jnp.asarray(v) for k, v in model_inputs(model.config, ours).items()}
+    batch = {k: jnp.asarray(v) for k, v in prepare(model.config, ours).items()}
 
     def features(cfg):
-        return np.asarray(jax.jit(lambda p, b: Qwen2VL(cfg).apply({"params": p}, b, method=Qwen2VL.image_features))(
+        return np.asarray(jax.jit(lambda p, b: ComposedVLM(cfg).apply({"params": p}, b, method=ComposedVLM.image_features))(
             model.params, batch))
 
     assert np.abs(features(model.config) - want).max() <= tol("float32", "vision_features")
@@ -135,7 +136,7 @@ def test_window_attention_is_what_matches_hf(ckpts):
 
 def test_one_vision_program_per_patch_bucket(ckpts):
     """Compilations counted by JAX's own monitoring events, on buckets no other test uses."""
-    model = mmjax.load(ckpts["qwen2_vl"][0].path, buckets=Buckets(prompt=(48, 96), patches=(80, 160), new_tokens=(8,)))
+    model = mmjax.load(ckpts["qwen2_vl"][0].path, buckets=Buckets(prompt=(48, 96), patches=(80, 160), token_slots=(8,)))
 
     def run(name):
         with count_compiles() as c:

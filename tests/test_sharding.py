@@ -91,7 +91,7 @@ def test_logical_to_spec_split_replicate_and_errors():
 
 
 def _llava(**kw):
-    from mmjax.models.llava import FAMILY
+    from mmjax.families.llava import FAMILY
     from mmjax.testing.checkpoints import tiny_llava_config
 
     cfg = FAMILY.config_from_hf(tiny_llava_config(**kw).to_dict())
@@ -198,7 +198,7 @@ def test_kv_heads_that_do_not_divide_are_replicated(mesh_results):
 
 
 # which dimension of each parameter the LLaVA table splits over `model` (None: replicated),
-# written out here independently of mmjax/models/llava.py
+# written out here independently of mmjax/families/composed.py
 SPLIT_DIM = [(r"decoder/embed/embedding", 0), (r"decoder/lm_head/kernel", 1),
              (r".*/attn/[qkv]/kernel", 1), (r"vision/.*/attn/[qkv]/bias", 0), (r".*/attn/o/kernel", 0),
              (r"decoder/.*/mlp/(gate|up)/kernel", 1), (r"decoder/.*/mlp/down/kernel", 0),
@@ -359,7 +359,7 @@ def _meshes_worker(folders: dict) -> dict:
     import jax
 
     import mmjax
-    from mmjax.models.llava import FAMILY
+    from mmjax.families.llava import FAMILY
     from mmjax.sharding import make_mesh, shard_params
 
     assert jax.device_count() == 8, jax.devices()

@@ -15,7 +15,7 @@ import mmjax
 from converters.torch2flax import convert
 from mmjax import registry
 from mmjax.errors import ConversionError, InputError
-from mmjax.models.clip import encode
+from mmjax import encode
 from mmjax.text.clip_text import eos_positions
 from tests.tolerances import tol
 
@@ -236,7 +236,7 @@ def test_encode_rejects_bad_inputs(bert_pair, clip_pair):
 def test_encode_keeps_cpu_kernels_off_under_a_mesh(clip_pair):
     # encode() traces with the CPU custom calls only when the model has no mesh (they have no
     # sharding rule); both ways give the same numbers.
-    from mmjax.models.clip import _run
+    from mmjax.encode import _run
 
     _, model = clip_pair
     ids, mask = _text_batch()

@@ -1,44 +1,53 @@
-"""Prefill and decode as pure jitted functions over a preallocated KV cache.
+"""Generation as a state plus pure jitted steps: prefill, decode_step, and the loop over them.
 
-State (a plain pytree, donated to every step so the cache is updated in place):
-  cache      list of per-layer {"k","v": [B, K, S, H]}
-  last       [B]     token fed to the next step
-  index      [B]     cache slot of that token (= prompt length + tokens so far)
-  pos_offset [B]     rope position = cache index + pos_offset (M-RoPE's rope delta)
-  tokens     [B, M]  generated tokens (M = new-token bucket)
-  done       [B]     row finished (stop token or max_new_tokens)
-  step       []      tokens generated so far
-Rows are right-padded: each row's prompt sits at cache slots 0..len-1, so a row in a batch
-sees exactly the positions and keys it would see alone.
+    engine = Engine(module)
+    state = engine.prefill(params, batch, lengths, args, cache_len=..., token_slots=..., greedy=True)
+    state = engine.decode_step(params, state, args, greedy=True)      # donated: cache updated in place
+    result = engine.run(params, batch, lengths, args, ...)              # the whole loop (mmjax.generate)
+
+Axis legend: B rows, T prompt tokens, S cache slots (prompt bucket + token slots), K kv heads,
+H head dim, D model dim, V vocab, M token slots.
+
+The state (DecodeState) and per-request arguments (StepArgs) are typed pytrees
+(mmjax.generation.state). A serving engine reuses prefill / decode_step; `run` is the static-batch
+loop: one decode step per token, a host check every 8 steps to stop early, then each row's tokens
+trimmed after its first stop token (kept, as HF does).
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.generation.sampling import select_token
-from mmjax.kernels import cpu_ffi
+from mmjax.generation.state import DecodeState, StepArgs
 from mmjax.kernels.attention import MaskSpec
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "RunResult"]
 
-
-def _without_cpu_kernels(f):
-    @functools.wraps(f)
-    def traced(*args, **kwargs):
-        with cpu_ffi.disabled():
-            return f(*args, **kwargs)
-    return traced
+SYNC_EVERY = 8  # decode steps between host checks for "every row is done"
 
 
 def _gather_last(h, lengths):  # h [B, T, D], lengths [B] -> [B, 1, D]
     return jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
 
 
+@dataclasses.dataclass
+class RunResult:
+    rows: list[list[int]]  # each row's tokens, up to and including its stop token
+    steps: int  # decode steps run (incl. the token prefill picks)
+    prefill_s: float
+    decode_s: float
+
+
 class Engine:
-    """Holds the jitted prefill / decode_step of one module (one compile per shape bucket)."""
+    """Holds the jitted prefill / decode_step of one module (one compile per shape bucket).
+
+    The module's config carries the kernel policy (mmjax.kernels.policy), so which kernels a
+    program uses is part of the module, hence of every jit cache key."""
 
     def __init__(self, module, state_sharding=None):
         """state_sharding: None on one device; with a mesh, state -> matching tree of shardings
@@ -46,54 +55,44 @@ class Engine:
         keeps one layout from step to step and the partitioner never gathers the cache."""
         self.module = module
         self.state_sharding = state_sharding
-        # A custom call has no sharding rule: programs partitioned over a mesh keep XLA's dot.
-        trace = _without_cpu_kernels if state_sharding is not None else (lambda f: f)
-        self.prefill = jax.jit(trace(self._prefill), static_argnames=("cache_len", "max_new", "greedy"))
-        self.decode_step = jax.jit(trace(self._decode_step), static_argnames=("greedy",), donate_argnums=(1,))
-        self.forward = jax.jit(trace(self._forward))
+        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "token_slots", "greedy"))
+        self.decode_step = jax.jit(self._decode_step, static_argnames=("greedy",), donate_argnums=(1,))
+        self.forward = jax.jit(self._forward)
 
     # --- pure functions ---------------------------------------------------------------------
     def _forward(self, params, batch):
         return self.module.apply({"params": params}, batch)
 
-    def _prefill(self, params, batch, lengths, sp, stop_ids, min_new, max_new_tokens, key, *,
-                 cache_len, max_new, greedy):
-        m = self.module
-
+    def _prefill(self, params, batch, lengths, args: StepArgs, *, cache_len: int, token_slots: int,
+                 greedy: bool) -> DecodeState:
         def run(mod):
             x, positions, pos_offset = mod.embed(batch)
             h, kv = mod.decode(x, positions, MaskSpec(causal=True, kv_lengths=lengths))
             return mod.logits(_gather_last(h, lengths))[:, 0], kv, pos_offset
 
-        logits, kv, pos_offset = m.apply({"params": params}, method=run)
+        logits, kv, pos_offset = self.module.apply({"params": params}, method=run)  # logits [B, V]
         B, T = batch["input_ids"].shape
         # prefill's keys come as [B, T, K, H]; the cache is [B, K, S, H] (mmjax.layers.attention)
         pad = ((0, 0), (0, 0), (0, cache_len - T), (0, 0))
         cache = [{n: jnp.pad(c[n].swapaxes(1, 2), pad) for n in ("k", "v")} for c in kv]
-        state = {
-            "cache": cache,
-            "last": jnp.zeros((B,), jnp.int32),
-            "index": lengths.astype(jnp.int32),
-            "pos_offset": pos_offset.astype(jnp.int32),
-            "tokens": jnp.zeros((B, max_new), jnp.int32),
-            "done": jnp.zeros((B,), bool),
-            "step": jnp.int32(0),
-        }
-        return self._pin(self._emit(state, logits, sp, stop_ids, min_new, max_new_tokens, key, greedy))
+        state = DecodeState(cache=cache, last=jnp.zeros((B,), jnp.int32), index=lengths.astype(jnp.int32),
+                            pos_offset=pos_offset.astype(jnp.int32), tokens=jnp.zeros((B, token_slots), jnp.int32),
+                            done=jnp.zeros((B,), bool), step=jnp.int32(0))
+        return self._pin(self._emit(state, logits, args, greedy))
 
-    def _decode_step(self, params, state, sp, stop_ids, min_new, max_new_tokens, key, *, greedy):
-        index = state["index"]
+    def _decode_step(self, params, state: DecodeState, args: StepArgs, *, greedy: bool) -> DecodeState:
+        index = state.index
         mask = MaskSpec(causal=True, kv_lengths=index + 1, q_offset=index)
 
         def run(mod):
-            x = mod.embed_tokens(state["last"][:, None])
-            positions = (index + state["pos_offset"])[:, None]
-            h, cache = mod.decode(x, positions, mask, state["cache"], index)
+            x = mod.embed_tokens(state.last[:, None])
+            positions = (index + state.pos_offset)[:, None]
+            h, cache = mod.decode(x, positions, mask, state.cache, index)
             return mod.logits(h)[:, 0], cache
 
         logits, cache = self.module.apply({"params": params}, method=run)
-        state = {**state, "cache": cache, "index": index + 1}
-        return self._pin(self._emit(state, logits, sp, stop_ids, min_new, max_new_tokens, key, greedy))
+        state = state.replace(cache=cache, index=index + 1)
+        return self._pin(self._emit(state, logits, args, greedy))
 
     def _pin(self, state):
         if self.state_sharding is None:
@@ -101,14 +100,44 @@ class Engine:
         return jax.lax.with_sharding_constraint(state, self.state_sharding(state))
 
     @staticmethod
-    def _emit(state, logits, sp, stop_ids, min_new, max_new_tokens, key, greedy):
-        """Pick this step's token, record it, update done. stop_ids [E] (-1 = unused slot)."""
-        step = state["step"]
+    def _emit(state: DecodeState, logits, args: StepArgs, greedy: bool) -> DecodeState:
+        """Pick this step's token, record it, update done."""
+        step, stop_ids = state.step, args.stop_ids
         is_stop = jnp.zeros(logits.shape[-1], bool).at[jnp.maximum(stop_ids, 0)].set(stop_ids >= 0)
         # min_new_tokens: stop tokens are not eligible yet (HF MinNewTokensLengthLogitsProcessor)
-        logits = jnp.where((step < min_new) & is_stop[None, :], -jnp.inf, logits)
-        tok = select_token(logits, jax.random.fold_in(key, step), sp, greedy)
-        tok = jnp.where(state["done"], 0, tok)
-        tokens = jax.lax.dynamic_update_slice(state["tokens"], tok[:, None], (0, step))
-        done = state["done"] | is_stop[tok] | (step + 1 >= max_new_tokens)
-        return {**state, "last": tok, "tokens": tokens, "done": done, "step": step + 1}
+        logits = jnp.where((step < args.min_new_tokens) & is_stop[None, :], -jnp.inf, logits)
+        tok = select_token(logits, jax.random.fold_in(args.key, step), args, greedy)
+        tok = jnp.where(state.done, 0, tok)
+        tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, step))
+        done = state.done | is_stop[tok] | (step + 1 >= args.max_new_tokens)
+        return state.replace(last=tok, tokens=tokens, done=done, step=step + 1)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self, params, batch, lengths, args: StepArgs, *, rows: int, max_new_tokens: int, min_new_tokens: int,
+            stop_ids, cache_len: int, token_slots: int, greedy: bool, to_host=np.asarray) -> RunResult:
+        """Prefill, then decode steps until every one of the first `rows` rows is done (checked
+        every SYNC_EVERY steps; finished rows only emit padding meanwhile) or max_new_tokens.
+
+        to_host: how to read a (possibly multi-process) array back (mmjax.sharding.to_host)."""
+        t0 = time.perf_counter()
+        state = self.prefill(params, batch, lengths, args, cache_len=cache_len, token_slots=token_slots,
+                             greedy=greedy)
+        state.done.block_until_ready()
+        t1 = time.perf_counter()
+        for i in range(1, max_new_tokens):
+            if i % SYNC_EVERY == 0 and bool(to_host(state.done)[:rows].all()):
+                break
+            state = self.decode_step(params, state, args, greedy=greedy)
+        tokens = to_host(state.tokens)[:rows, :max_new_tokens]
+        steps = int(state.step)
+        t2 = time.perf_counter()
+        stops = set(stop_ids)
+        out = []
+        for r in range(rows):
+            row = []
+            for t in tokens[r, :steps].tolist():
+                row.append(t)
+                if t in stops and len(row) > min_new_tokens:
+                    break
+            out.append(row)
+        return RunResult(out, steps, t1 - t0, t2 - t1)

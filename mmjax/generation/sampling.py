@@ -1,6 +1,6 @@
 """Token selection inside the jitted step: greedy, or temperature -> top-k -> top-p (HF's order).
 
-logits [B, V] float32. Sampling parameters are traced scalars, so changing them does not
+logits [B, V] float32. Sampling parameters are traced scalars (StepArgs), so changing them does not
 recompile; only greedy-vs-sampling is static."""
 from __future__ import annotations
 
@@ -37,26 +37,22 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def arrays(self):
-        return {"temperature": jnp.float32(max(self.temperature, 1e-6)), "top_k": jnp.int32(self.top_k),
-                "top_p": jnp.float32(self.top_p)}
 
-
-def select_token(logits, key, sp: dict, greedy: bool):
-    """logits [B, V] -> tokens [B] int32."""
+def select_token(logits, key, args, greedy: bool):
+    """logits [B, V] -> tokens [B] int32; args: StepArgs (temperature, top_k, top_p)."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     V = logits.shape[-1]
-    x = logits / sp["temperature"]
+    x = logits / args.temperature
     srt = jnp.sort(x, axis=-1)[:, ::-1]  # descending [B, V]
-    k = jnp.where(sp["top_k"] > 0, jnp.minimum(sp["top_k"], V), V)
+    k = jnp.where(args.top_k > 0, jnp.minimum(args.top_k, V), V)
     kth = jnp.take_along_axis(srt, jnp.broadcast_to(k - 1, (x.shape[0], 1)), axis=-1)  # [B, 1]
     x = jnp.where(x < kth, -jnp.inf, x)
     srt = jnp.where(srt < kth, -jnp.inf, srt)
     # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p
     probs = jax.nn.softmax(srt, axis=-1)
     cum = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each entry
-    keep = cum < sp["top_p"]
+    keep = cum < args.top_p
     cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
     x = jnp.where(x < cutoff, -jnp.inf, x)
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)

@@ -6,14 +6,15 @@ A VLM module (flax.linen) provides:
       token's cache index to get its rope position (0 for plain RoPE; M-RoPE's rope delta).
   embed_tokens(ids [B, T]) -> [B, T, D]      text-only embeddings (what decode steps feed)
   decode(x, positions, mask, cache=None, write_index=None) -> (hidden [B, T, D], cache)
-      the decoder stack; cache is a list of per-layer {"k","v": [B, K, S, H]} (S beside H: no transpose in decode).
+      the decoder stack. Without a cache, the returned cache is this call's own keys, per layer
+      {"k","v": [B, T, K, H]}; with one (per layer {"k","v": [B, K, S, H]}: S beside H, so decode
+      contracts it without a transpose) it is the updated cache.
   logits(hidden) -> [B, T, V] float32
   __call__(batch) -> logits [B, T, V]   (embed + decode without cache; init and parity)
   example_batch() -> dict of small numpy arrays for init / eval_shape
   param_shapes() -> {"a/b/kernel": ShapeDtypeStruct} (usually `return param_shapes(self)`)
-  cache_shape() -> (num_layers, K, H)
-Generation (mmjax.generation) needs nothing else, so a custom model gets prefill/decode,
-bucketing, sharding and mmjax.generate by implementing these.
+Generation (mmjax.generation) needs nothing else. Every VLM mmjax ships is a ComposedVLM
+(mmjax.models.composed), which implements these; a model of your own composes it too.
 """
 from __future__ import annotations
 

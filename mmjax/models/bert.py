@@ -1,7 +1,7 @@
 """BertModel: the bidirectional text encoder and its pooler, as the "bert" family.
 
     model = mmjax.load("bert-flax/")
-    out = encode(model, input_ids=ids, attention_mask=mask, token_type_ids=types)  # mmjax.models.clip.encode
+    out = mmjax.encode(model, input_ids=ids, attention_mask=mask, token_type_ids=types)
     out["last_hidden_state"]  # [B, T, D]; out["pooler_output"] [B, D] (pool="pooler" | "cls" | "mean")
 
 Axis legend: B batch, T tokens, D model dim.
@@ -13,11 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.models.base import param_shapes
-from mmjax.models.clip import check_token_inputs
-from mmjax.registry import Family, register
 from mmjax.text.bert import Bert, BertConfig
 
-__all__ = ["BertModel", "FAMILY"]
+__all__ = ["BertModel"]
 
 
 class BertModel(nn.Module):
@@ -41,24 +39,3 @@ class BertModel(nn.Module):
 
     def param_shapes(self):
         return param_shapes(self)
-
-
-def _check_inputs(cfg: BertConfig, batch) -> None:
-    check_token_inputs(batch, cfg.vocab_size, cfg.max_position_embeddings, cfg.type_vocab_size)
-
-
-def _rules(cfg):
-    from converters.families.bert import bert_rules
-
-    return bert_rules(cfg)
-
-
-FAMILY = register(Family(
-    name="bert",
-    config_from_hf=BertConfig.from_hf,
-    config_cls=BertConfig,
-    build=lambda cfg, dtype=jnp.float32: BertModel(cfg, dtype),
-    rules=_rules,
-    processor=None,  # encoders take HF-tokenized arrays (see docs/text_encoders.md)
-    check_inputs=_check_inputs,
-))

@@ -1,9 +1,9 @@
 """CLIPModel: a ViT image tower and a causal text tower, each pooled and projected into one
-embedding space; logits are scaled cosine similarities. Also `encode`, the entry point of the
-encoder families (clip, bert), which have no decoder and so no mmjax.generate.
+embedding space; logits are scaled cosine similarities. An encoder family: run it with
+mmjax.encode (it has no decoder, so no mmjax.generate).
 
     model = mmjax.load("clip-flax/")
-    out = encode(model, input_ids=ids, attention_mask=mask, pixel_values=px)
+    out = mmjax.encode(model, input_ids=ids, attention_mask=mask, pixel_values=px)
     out["logits_per_image"]  # [I, B]; also logits_per_text [B, I], text_embeds [B, E], image_embeds [I, E]
 
 Axis legend: B texts, I images, T tokens, D tower width (Dv vision, Dt text), E projection dim,
@@ -11,28 +11,20 @@ C channels.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import ClipVisionConfig, ConfigBase
-from mmjax.errors import InputError
-from mmjax.kernels import cpu_ffi
 from mmjax.layers.linear import Einsum
 from mmjax.layers.norms import LayerNorm
 from mmjax.models.base import param_shapes
-from mmjax.registry import Family, register
 from mmjax.text.clip_text import ClipText, ClipTextConfig
 from mmjax.vision.clip import ClipVision
 
-__all__ = ["ClipConfig", "Clip", "FAMILY", "encode", "check_token_inputs", "ENCODER_INPUTS"]
-
-ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+__all__ = ["ClipConfig", "Clip"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,95 +99,3 @@ class Clip(nn.Module):
 
     def param_shapes(self):
         return param_shapes(self)
-
-
-# ----------------------------------------------------------------------------- encode
-
-
-@functools.partial(jax.jit, static_argnames=("module", "options", "cpu_kernels"))
-def _run(params, batch, *, module, options, cpu_kernels):
-    # Params sharded over a mesh: no CPU custom calls (they have no sharding rule), as in the
-    # generation engine.
-    with contextlib.nullcontext() if cpu_kernels else cpu_ffi.disabled():
-        return module.apply({"params": params}, batch, **dict(options))
-
-
-def encode(model, **inputs) -> dict[str, np.ndarray]:
-    """Run an encoder family (clip, bert) loaded with mmjax.load on HF-named arrays.
-
-    Array keyword arguments (input_ids, attention_mask, token_type_ids, pixel_values) are the
-    model inputs; any other keyword is a static option of the module (clip: normalize=True;
-    bert: pool="pooler" | "cls" | "mean"). Returns the module's named outputs as numpy arrays.
-    One compile per input shape and option set."""
-    module = model.module
-    accepted = getattr(module, "encoder_inputs", None)
-    if accepted is None:
-        raise InputError(f"{model.path}: family {model.family.name!r} is not an encoder; use mmjax.generate")
-    batch, options = {}, {}
-    for k, v in inputs.items():
-        if k in ENCODER_INPUTS:
-            if k not in accepted:
-                raise InputError(f"{k}: family {model.family.name!r} takes only {', '.join(accepted)}")
-            if v is not None:
-                batch[k] = np.asarray(v)
-        elif k in module.encoder_options:
-            options[k] = v
-        else:
-            raise InputError(f"{k}: not an input ({', '.join(accepted)}) or option "
-                             f"({', '.join(module.encoder_options)}) of family {model.family.name!r}")
-    if not batch:
-        raise InputError(f"encode: no inputs given; family {model.family.name!r} takes {', '.join(accepted)}")
-    if model.family.check_inputs is not None:
-        model.family.check_inputs(model.config, batch)
-    arrays = {k: jnp.asarray(v, model.dtype if k == "pixel_values" else jnp.int32) for k, v in batch.items()}
-    out = _run(model.params, arrays, module=module, options=tuple(sorted(options.items())),
-               cpu_kernels=model.mesh is None)
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
-def check_token_inputs(batch, vocab_size: int, max_positions: int, type_vocab_size: int | None = None) -> None:
-    """Host-side: shapes agree and ids are in range (jnp.take would clamp them silently)."""
-    if "input_ids" not in batch:
-        if any(k in batch for k in ("attention_mask", "token_type_ids")):
-            raise InputError("attention_mask / token_type_ids given without input_ids")
-        return
-    ids = np.asarray(batch["input_ids"])
-    if ids.ndim != 2:
-        raise InputError(f"input_ids: expected [B, T], got shape {ids.shape}")
-    if ids.shape[1] > max_positions:
-        raise InputError(f"input_ids: {ids.shape[1]} tokens exceed max_position_embeddings={max_positions}")
-    ranges = {"input_ids": vocab_size, "attention_mask": 2, "token_type_ids": type_vocab_size}
-    for name, hi in ranges.items():
-        if name not in batch:
-            continue
-        a = np.asarray(batch[name])
-        if a.shape != ids.shape:
-            raise InputError(f"{name}: expected shape {ids.shape} (as input_ids), got {a.shape}")
-        if a.size and (a.min() < 0 or a.max() >= hi):
-            raise InputError(f"{name}: values must lie in [0, {hi}), got {a.min()}..{a.max()}")
-
-
-def _check_inputs(cfg: ClipConfig, batch) -> None:
-    check_token_inputs(batch, cfg.text.vocab_size, cfg.text.max_position_embeddings)
-    px = batch.get("pixel_values")
-    v = cfg.vision
-    want = (v.num_channels, v.image_size, v.image_size)
-    if px is not None and (np.ndim(px) != 4 or tuple(np.shape(px)[1:]) != want):
-        raise InputError(f"pixel_values: expected [I, {', '.join(map(str, want))}], got shape {np.shape(px)}")
-
-
-def _rules(cfg):
-    from converters.families.clip import clip_rules
-
-    return clip_rules(cfg)
-
-
-FAMILY = register(Family(
-    name="clip",
-    config_from_hf=ClipConfig.from_hf,
-    config_cls=ClipConfig,
-    build=lambda cfg, dtype=jnp.float32: Clip(cfg, dtype),
-    rules=_rules,
-    processor=None,  # encoders take HF-tokenized arrays (see docs/text_encoders.md)
-    check_inputs=_check_inputs,
-))

@@ -10,7 +10,7 @@ with images gets the images first. The output uses HF's names and layouts, right
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from mmjax.errors import InputError
 from mmjax.preprocess.chat import find_chat_template, prompt_to_messages, render_chat_template
 from mmjax.preprocess.tokenizer import Tokenizer
 
-__all__ = ["IMAGE_PLACEHOLDER", "VLMProcessor", "LlavaProcessor", "normalize_requests"]
+__all__ = ["IMAGE_PLACEHOLDER", "VLMProcessor", "normalize_requests"]
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -127,21 +127,3 @@ class VLMProcessor:
             input_ids[r, :len(s)] = s
             mask[r, :len(s)] = 1
         return {"input_ids": input_ids, "attention_mask": mask, **arrays}
-
-
-class LlavaProcessor(VLMProcessor):
-    """Each <image> becomes image_seq_length copies of the image token (HF LlavaProcessor)."""
-
-    def __init__(self, folder, config, tokenizer=None):
-        from mmjax.preprocess.clip_image import CLIPImageProcessor
-
-        super().__init__(folder, tokenizer, CLIPImageProcessor.from_folder(folder))
-        self.config = config
-        ids = self.tokenizer.token_to_id(IMAGE_PLACEHOLDER)
-        if ids is not None and ids != config.image_token_id:
-            raise InputError(f"{folder}: tokenizer maps {IMAGE_PLACEHOLDER} to {ids}, config says image_token_id="
-                             f"{config.image_token_id}")
-
-    def image_inputs(self, images: list[Any]):
-        px = self.image_processor(images)
-        return {"pixel_values": px}, [self.config.image_seq_length] * len(images)

@@ -176,10 +176,10 @@ def shard_batch(mesh: Mesh, batch: Mapping[str, Any], axis_rules: Mapping[str, A
 
 
 def state_shardings(mesh: Mesh, state, axis_rules: Mapping[str, Any] = AXIS_RULES):
-    """Shardings for the generation state (mmjax.generation.engine): cache leaves [B, K, S, H]
+    """Shardings for the generation state (mmjax.generation.state.DecodeState): cache leaves [B, K, S, H]
     by CACHE_AXES, every other array by rows, scalars replicated. Works on abstract values."""
     def one(path, x):
-        in_cache = any(getattr(p, "key", None) == "cache" for p in path)
+        in_cache = any(getattr(p, "key", getattr(p, "name", None)) == "cache" for p in path)  # dict or dataclass
         axes = CACHE_AXES if in_cache and x.ndim == 4 else ("B",) + (None,) * (x.ndim - 1) if x.ndim else ()
         return NamedSharding(mesh, logical_to_spec("state" + jax.tree_util.keystr(path), x.shape, axes, mesh,
                                                    axis_rules))

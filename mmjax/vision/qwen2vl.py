@@ -92,6 +92,14 @@ class Qwen2VLVisionConfig(ConfigBase):
         return self.hidden_size // self.num_heads
 
     @property
+    def width(self) -> int:  # what follows the tower reads: the merger's output, in the decoder width
+        return self.out_hidden_size
+
+    @property
+    def num_features(self) -> None:  # varies with each image's size (native resolution)
+        return None
+
+    @property
     def patch_dim(self) -> int:
         """Values in one pixel_values row: C * t * ps * ps (1176 for the released models)."""
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2

@@ -1,9 +1,12 @@
 """The mmjax port of AcmeVLM: its config.json -> a composed model, plus the Family that names it.
 
 Everything else (conversion, loading, KV-cache generation, bucketing, sharding rules,
-preprocessing) comes with the Family. The tensor-name rules live in rules.py beside this file.
+preprocessing) comes with the Family. The tensor-name rules live in rules.py beside this file,
+and are registered for the converter here.
 """
-from mmjax.components import ComposedConfig, composed_family
+from converters.families import register_rules
+from mmjax.families.composed import composed_family
+from mmjax.models.composed import ComposedConfig
 from mmjax.registry import register
 
 
@@ -35,4 +38,5 @@ def acme_rules(cfg):
     return RULES(cfg)
 
 
-FAMILY = register(composed_family("acme_vlm", config_from_acme, acme_rules))
+FAMILY = register(composed_family("acme_vlm", config_from_acme))
+register_rules("acme_vlm", acme_rules)
