@@ -4,6 +4,7 @@ with behaviour."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import typing
 
 __all__ = ["ConfigBase", "RopeConfig", "LlamaConfig", "ClipVisionConfig"]
@@ -27,7 +28,12 @@ class ConfigBase:
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
         for k, v in d.items():
-            kw[k] = _coerce(hints[k], v)
+            tp = hints[k]
+            # a hand-edited "64" for an int field would pass through to shape arithmetic
+            want = {int: numbers.Integral, float: numbers.Real}.get(tp)
+            if want is not None and (isinstance(v, bool) or not isinstance(v, want)):
+                raise TypeError(f"{cls.__name__}.{k}: expected {tp.__name__}, got {v!r}")
+            kw[k] = _coerce(tp, v)
         return cls(**kw)
 
 

@@ -441,13 +441,14 @@ LOAD_CASES = {
                                  r": image processor config: image_std: every entry must be finite and non-zero"),
     "deeply_nested_chat_template_json": (_write("chat_template.json", "[" * 100_000), LoadError,
                                          r"chat_template\.json: not valid JSON"),
-    "hidden_size_edited": (_edit_config(lambda m: m["config"]["text"].update(hidden_size=48)), LoadError,
+    "hidden_size_edited": (_edit_config(lambda m: (m["config"]["decoder"].update(hidden_size=48),
+                                                         m["config"]["projector"].update(out_features=48))), LoadError,
                            r"params do not match mmjax_config\.json:\n  decoder/embed/embedding: config expects "
                            r"shape \(512, 48\), checkpoint has \(512, 64\)"),
-    "num_layers_edited": (_edit_config(lambda m: m["config"]["text"].update(num_layers=3)), LoadError,
+    "num_layers_edited": (_edit_config(lambda m: m["config"]["decoder"].update(num_layers=3)), LoadError,
                           r"decoder/layers_2/\S+: missing from the checkpoint"),
-    "config_value_wrong_type": (_edit_config(lambda m: m["config"]["text"].update(hidden_size="64")), LoadError,
-                                r"mmjax_config\.json: config cannot build llava"),
+    "config_value_wrong_type": (_edit_config(lambda m: m["config"]["decoder"].update(hidden_size="64")), LoadError,
+                                r"mmjax_config\.json: config does not fit llava: LlamaConfig\.hidden_size: expected int, got .64."),
     "unknown_family": (_edit_config(lambda m: m.update(family="llava_next_xl")), UnknownModelError,
                        r"mmjax_config\.json: unknown model_type 'llava_next_xl'; supported: .*llava"),
 }

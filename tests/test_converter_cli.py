@@ -18,6 +18,7 @@ import torch
 from safetensors.numpy import save_file
 
 import converters.writer as writer
+from converters.families import register_rules
 from converters import transforms as T
 from converters.rules import Rule, flatten
 from converters.torch2flax import convert, main
@@ -77,8 +78,8 @@ def toy_rules(cfg):
     ]
 
 
-TOY = registry.Family(name="toy", config_from_hf=ToyConfig.from_hf, config_cls=ToyConfig,
-                      build=Toy, rules=toy_rules)
+TOY = registry.Family(name="toy", config_from_hf=ToyConfig.from_hf, config_cls=ToyConfig, build=Toy)
+register_rules("toy", toy_rules)  # the family's rules live on the converters side
 SPEC = f"{__name__}:TOY"
 
 
