@@ -98,13 +98,11 @@ def tensors_of(header):
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    """(single-file safetensors LLaVA, sharded LLaVA, converted folder), built once."""
+def llava(tmp_path_factory, tiny_llava):
+    """(single-file safetensors LLaVA, sharded LLaVA, converted folder); tests copy before damaging."""
     root = tmp_path_factory.mktemp("llava")
-    save_tiny_llava(root / "hf")
     save_tiny_llava(root / "sharded", max_shard_size="200KB")
-    convert(root / "hf", root / "flax", progress=False)
-    return root / "hf", root / "sharded", root / "flax"
+    return tiny_llava.hf, root / "sharded", tiny_llava.flax
 
 
 # ---------------------------------------------------------------- malformed safetensors

@@ -5,20 +5,15 @@ import pytest
 from PIL import Image
 
 import mmjax
-from converters.torch2flax import convert
 from mmjax.bucketing import pick
 from mmjax.profiling import count_compiles
-from mmjax.testing.checkpoints import save_tiny_llava
 
 WORDS = "the red cat sat on a wooden table near the window while a small dog ran in the field".split()
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("buckets")
-    save_tiny_llava(root / "hf")
-    convert(root / "hf", root / "flax", progress=False)
-    return mmjax.load(root / "flax")
+def model(tiny_llava):
+    return mmjax.load(tiny_llava.flax)
 
 
 def _requests(n=40, seed=0):

@@ -8,14 +8,13 @@ from safetensors.numpy import load_file, save_file
 
 from converters.torch2flax import convert, main
 from mmjax.errors import ConversionError, UnknownModelError
-from mmjax.testing.checkpoints import save_tiny_llava
 
 Q0 = "language_model.model.layers.0.self_attn.q_proj.weight"
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("llava_err") / "hf")[0]
+def source(tiny_llava):
+    return tiny_llava.hf  # read-only: every test copies it
 
 
 def _edited(source, tmp_path, edit):

@@ -38,11 +38,8 @@ def _trim_at_eos(ids, eos=2):
 
 
 @pytest.fixture(scope="module")
-def fp32(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llava_fp32")
-    _, hf_model, proc = save_tiny_llava(root / "hf")
-    convert(root / "hf", root / "flax", progress=False)
-    return mmjax.load(root / "flax"), hf_model, proc
+def fp32(tiny_llava):
+    return mmjax.load(tiny_llava.flax), tiny_llava.hf_model, tiny_llava.hf_processor
 
 
 def test_fp32_prefill_logits_and_vision_features(fp32):

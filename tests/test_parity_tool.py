@@ -79,12 +79,9 @@ def test_swapped_q_and_k_in_one_layer_is_named_first(acme):
     assert "first divergence: decoder/layers_1/attn" in report.table()
 
 
-def test_llava_is_within_tolerance(tmp_path):
-    from mmjax.testing.checkpoints import save_tiny_llava
-
-    folder, hf, _ = save_tiny_llava(tmp_path / "llava")
-    convert(folder, tmp_path / "llava-flax", progress=False)
-    model = mmjax.load(tmp_path / "llava-flax")
+def test_llava_is_within_tolerance(tiny_llava):
+    hf = tiny_llava.hf_model
+    model = mmjax.load(tiny_llava.flax)
     inputs = model.preprocess(_image(), "<image>\nWhat is this?")
     torch_inputs = {k: torch.from_numpy(inputs[k]) for k in ("input_ids", "attention_mask", "pixel_values")}
     torch_inputs["input_ids"] = torch_inputs["input_ids"].long()

@@ -20,8 +20,6 @@ import pytest
 from PIL import Image
 
 import mmjax
-from converters.torch2flax import convert
-from mmjax.testing.checkpoints import save_tiny_llava
 
 N_CALLS = 200
 RSS_BOUND_MIB = 32
@@ -42,11 +40,8 @@ def live_arrays() -> int:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("soak")
-    save_tiny_llava(root / "hf")
-    convert(root / "hf", root / "flax", progress=False)
-    return mmjax.load(root / "flax")
+def model(tiny_llava):
+    return mmjax.load(tiny_llava.flax)
 
 
 def request(rng, with_image=None, greedy=None, n_words=None):
