@@ -55,11 +55,14 @@ class Model:
     def tokenizer(self):
         return self.processor.tokenizer
 
-    def preprocess(self, images=None, prompt: str | Sequence[str] = "", *, chat_template: bool | None = None) -> dict:
-        """HF-named numpy arrays: input_ids [B, T] (right-padded), attention_mask [B, T], pixel_values, ..."""
+    def preprocess(self, images=None, prompt: str | Sequence[str] = "", *, chat_template: bool | None = None,
+                   mm_processor_kwargs: dict | None = None) -> dict:
+        """HF-named numpy arrays: input_ids [B, T] (right-padded), attention_mask [B, T], pixel_values, ...
+        mm_processor_kwargs: per-request image settings the family's processor takes (Qwen2-VL:
+        min_pixels / max_pixels, as vLLM's)."""
         if self.processor is None:
             raise LoadError(f"{self.path}: no tokenizer/processor files were converted with this model")
-        return self.processor(images, prompt, chat_template=chat_template)
+        return self.processor(images, prompt, chat_template=chat_template, mm_processor_kwargs=mm_processor_kwargs)
 
 
 @dataclasses.dataclass
@@ -208,11 +211,12 @@ def _as_list(x):
 def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max_new_tokens: int = 64,
              min_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, stop_token_ids: Sequence[int] | None = None, chat_template: bool | None = None,
-             truncate: bool = False) -> GenerationOutput:
+             truncate: bool = False, mm_processor_kwargs: dict | None = None) -> GenerationOutput:
     """Preprocess, prefill, then one jitted (donated) decode step per new token.
 
     images: one PIL image, a list (one prompt), a list of lists (a batch), or None.
-    truncate=True shortens max_new_tokens to fit the context instead of raising."""
+    truncate=True shortens max_new_tokens to fit the context instead of raising.
+    mm_processor_kwargs: per-request image settings (Qwen2-VL: {"max_pixels": 448 * 448} for fewer tokens)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
@@ -220,7 +224,7 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
     _require_decoder(model, "generate")
     sp = SamplingParams(temperature, top_k, top_p, seed)
     t0 = time.perf_counter()
-    inputs = model.preprocess(images, prompt, chat_template=chat_template)
+    inputs = model.preprocess(images, prompt, chat_template=chat_template, mm_processor_kwargs=mm_processor_kwargs)
     lengths = _lengths(inputs["input_ids"], inputs.get("attention_mask"))
     B = lengths.shape[0]
     limit = model.config.text.max_position_embeddings

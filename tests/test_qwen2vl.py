@@ -167,3 +167,27 @@ def test_inconsistent_inputs_are_refused(ckpts):
         check_inputs(model.config, dict(ours, pixel_values=ours["pixel_values"][:60]))
     with pytest.raises(InputError, match="together"):
         check_inputs(model.config, dict(ours, image_grid_thw=None))
+
+
+def test_max_pixels_per_request_matches_hf(ckpts):
+    """mm_processor_kwargs={"max_pixels": N} (vLLM's per-request image settings) resizes as HF's
+    processor called with the same max_pixels; other keys and bad values are refused by name."""
+    model, _, hp = ckpts["qwen2_vl"]
+    img, cap = IMAGES["D"], 56 * 84  # 140x168 (10x12 patches) capped to 4704 pixels
+    ours = model.preprocess([img], "<image>" + PROMPT, chat_template=False, mm_processor_kwargs={"max_pixels": cap})
+    size = {"shortest_edge": hp.image_processor.size.shortest_edge, "longest_edge": cap}  # HF: areas, despite the names
+    ref = hp(images=[img], text=VISION + PROMPT, return_tensors="pt", images_kwargs={"size": size})
+    np.testing.assert_array_equal(ours["image_grid_thw"], ref["image_grid_thw"].numpy())
+    np.testing.assert_array_equal(ours["input_ids"], ref["input_ids"].numpy())
+    assert np.abs(ours["pixel_values"] - ref["pixel_values"].numpy()).max() <= tol("float32", "pixel_values")
+    full = model.preprocess([img], "<image>" + PROMPT, chat_template=False)
+    assert ours["pixel_values"].shape[0] < full["pixel_values"].shape[0]
+    out = mmjax.generate(model, [img], "<image>" + PROMPT, max_new_tokens=2, chat_template=False,
+                         mm_processor_kwargs={"max_pixels": cap})
+    assert len(out.token_ids) <= 2
+    with pytest.raises(InputError, match="mm_processor_kwargs: do_resize not accepted by this model's processor"):
+        model.preprocess([img], "<image>x", mm_processor_kwargs={"do_resize": False})
+    with pytest.raises(InputError, match=r"mm_processor_kwargs\.max_pixels: a positive integer"):
+        model.preprocess([img], "<image>x", mm_processor_kwargs={"max_pixels": -5})
+    with pytest.raises(InputError, match="min_pixels=9999 > max_pixels=4704"):
+        model.preprocess([img], "<image>x", mm_processor_kwargs={"max_pixels": cap, "min_pixels": 9999})

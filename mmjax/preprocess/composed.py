@@ -75,7 +75,7 @@ class ComposedProcessor(VLMProcessor):
             raise InputError(f"{folder}: tokenizer maps {self.image_token} to {tok_id}, config says "
                              f"image_token_id={cfg.image_token_id}")
 
-    def image_inputs(self, images):
+    def image_inputs(self, images, **mm_kwargs):
         return {"pixel_values": self.image_processor(images)}, [self.config.image_seq_length] * len(images)
 
     def expand(self, ids, counts):

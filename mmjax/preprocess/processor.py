@@ -66,10 +66,19 @@ class VLMProcessor:
     # --- family hooks ---------------------------------------------------------------------
     image_text = IMAGE_PLACEHOLDER  # what one image becomes in the text before tokenizing
     image_token = IMAGE_PLACEHOLDER  # the token whose id marks an image in the ids
+    mm_kwargs_accepted: tuple[str, ...] = ()  # per-request image settings (vLLM's mm_processor_kwargs)
 
-    def image_inputs(self, images: list) -> tuple[dict, list[int]]:
-        """Images of the whole batch -> (arrays, tokens each image expands to)."""
+    def image_inputs(self, images: list, **mm_kwargs) -> tuple[dict, list[int]]:
+        """Images of the whole batch -> (arrays, tokens each image expands to). mm_kwargs: the
+        caller's per-request image settings (mm_processor_kwargs); a family that takes none
+        refuses them with check_mm_kwargs."""
         raise NotImplementedError
+
+    def check_mm_kwargs(self, mm_kwargs: dict, accepted: tuple[str, ...] = ()) -> None:
+        unknown = sorted(set(mm_kwargs) - set(accepted))
+        if unknown:
+            raise InputError(f"mm_processor_kwargs: {', '.join(unknown)} not accepted by this model's processor"
+                             + (f" (it takes {', '.join(accepted)})" if accepted else " (it takes none)"))
 
     def expand(self, ids: list[int], counts: list[int]) -> list[int]:
         """Replace the k-th image token of the row by counts[k] copies of it."""
@@ -98,13 +107,16 @@ class VLMProcessor:
             prompt = (IMAGE_PLACEHOLDER + "\n") * n_images + prompt
         return prompt.replace(IMAGE_PLACEHOLDER, self.image_text)
 
-    def __call__(self, images=None, prompt: str | Sequence[str] = "", *, chat_template: bool | None = None) -> dict:
+    def __call__(self, images=None, prompt: str | Sequence[str] = "", *, chat_template: bool | None = None,
+                 mm_processor_kwargs: dict | None = None) -> dict:
         rows = normalize_requests(images, prompt)
+        mm_kwargs = dict(mm_processor_kwargs or {})
+        self.check_mm_kwargs(mm_kwargs, self.mm_kwargs_accepted)
         if chat_template and self.chat_template is None:
             raise InputError(f"chat_template=True but {self.folder} has no chat template")
         use_template = self.chat_template is not None and chat_template is not False
         all_images = [im for imgs, _ in rows for im in imgs]
-        arrays, counts = self.image_inputs(all_images) if all_images else ({}, [])
+        arrays, counts = self.image_inputs(all_images, **mm_kwargs) if all_images else ({}, [])
         tid = self.tokenizer.token_to_id(self.image_token)
         seqs, k = [], 0
         for r, (imgs, p) in enumerate(rows):

@@ -18,6 +18,7 @@ layout of a (B, T, P) bucket.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,8 @@ VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vi
 class Qwen2VLProcessor(VLMProcessor):
     image_text = VISION_START + IMAGE_PAD + VISION_END
     image_token = IMAGE_PAD
+    # per request, as vLLM's mm_processor_kwargs: fewer (or more) image tokens than the checkpoint's bounds
+    mm_kwargs_accepted = ("min_pixels", "max_pixels")
 
     def __init__(self, folder, config, tokenizer=None, image_processor=None):
         super().__init__(folder, tokenizer, image_processor or Qwen2VLImageProcessor.from_folder(folder))
@@ -53,12 +56,20 @@ class Qwen2VLProcessor(VLMProcessor):
             if got != want:
                 raise LoadError(f"{self.folder}: tokenizer maps {token} to {got}, config says {want}")
 
-    def image_inputs(self, images: list[Any]):
-        px, grid = self.image_processor(images)
+    def image_inputs(self, images: list[Any], **mm_kwargs):
+        ip = self.image_processor
+        if mm_kwargs:
+            for k, v in mm_kwargs.items():
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise InputError(f"mm_processor_kwargs.{k}: a positive integer (pixels) is needed, got {v!r}")
+            ip = dataclasses.replace(ip, **mm_kwargs)
+            if ip.min_pixels > ip.max_pixels:
+                raise InputError(f"mm_processor_kwargs: min_pixels={ip.min_pixels} > max_pixels={ip.max_pixels}")
+        px, grid = ip(images)
         return {"pixel_values": px, "image_grid_thw": grid}, [int(n) for n in self.config.image_tokens(grid)]
 
-    def __call__(self, images=None, prompt="", *, chat_template=None) -> dict:
-        out = super().__call__(images, prompt, chat_template=chat_template)
+    def __call__(self, images=None, prompt="", *, chat_template=None, mm_processor_kwargs=None) -> dict:
+        out = super().__call__(images, prompt, chat_template=chat_template, mm_processor_kwargs=mm_processor_kwargs)
         out["mm_token_type_ids"] = (out["input_ids"] == self.config.image_token_id).astype(np.int32)
         return out
 
