@@ -1,0 +1,113 @@
+"""Real image sizes: mmjax vs HF transformers generating from one large image (issue: attention over
+packed images and windows must cost Σ segment², not P²).
+
+    python -m benchmarks.images [--work DIR] [--sizes 896 1344 2048] [--variants qwen2_5_vl qwen2_vl]
+
+Builds tiny random Qwen2.5-VL / Qwen2-VL checkpoints (vision hidden 32, 2 layers; decoder hidden 64)
+whose processor accepts up to 2048² pixels, converts them, then for each square image size runs
+each side in its own fresh process: load, note RSS, reset the peak (/proc/self/clear_refs), generate
+4 greedy tokens once (compiles / warms up), then time a second identical call. Reported: that call's
+time and the process's peak RSS above its post-load baseline (the warm-up included), plus whether
+both sides produced the same tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+N_NEW = 4
+MAX_PIXELS = 2048 * 2048 + 28 * 28 * 64  # room for 2048² after rounding to multiples of 28
+
+_COMMON = r"""
+import json, os, sys, time
+import numpy as np
+from PIL import Image
+def rss():
+    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
+def peak():
+    return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024
+folder, size, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+img = Image.fromarray((np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8))
+prompt = "Describe the image."
+"""
+
+_MMJAX = _COMMON + r"""
+import mmjax
+model = mmjax.load(folder, compile_cache=False)
+base = rss(); open('/proc/self/clear_refs', 'w').write('5')
+run = lambda: mmjax.generate(model, [img], "<image>" + prompt, max_new_tokens=n_new, min_new_tokens=n_new,
+                             chat_template=False)
+run(); t = time.perf_counter(); out = run(); dt = time.perf_counter() - t
+print(json.dumps({"s": dt, "peak_mb": peak() - base, "tokens": out.token_ids}))
+"""
+
+_HF = _COMMON + r"""
+import torch
+from transformers import AutoModelForImageTextToText, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from mmjax.testing.qwen_checkpoints import _without_video  # no torchvision here: image-only processor
+torch.set_grad_enabled(False)
+model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+cls = Qwen2_5_VLProcessor if model.config.model_type == "qwen2_5_vl" else Qwen2VLProcessor
+proc = _without_video(cls).from_pretrained(folder)
+text = "<|vision_start|><|image_pad|><|vision_end|>" + prompt
+base = rss(); open('/proc/self/clear_refs', 'w').write('5')
+def run():
+    b = proc(images=[img], text=text, return_tensors="pt")
+    return model.generate(**b, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)[0, b["input_ids"].shape[1]:]
+run(); t = time.perf_counter(); out = run(); dt = time.perf_counter() - t
+print(json.dumps({"s": dt, "peak_mb": peak() - base, "tokens": out.tolist()}))
+"""
+
+
+def one(code: str, folder: str, size: int) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, folder, str(size), str(N_NEW)], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[896, 1344, 2048])
+    ap.add_argument("--variants", nargs="+", default=["qwen2_5_vl", "qwen2_vl"])
+    ap.add_argument("--sides", nargs="+", default=["hf", "mmjax"])
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from converters.torch2flax import convert
+    from mmjax.testing.qwen_checkpoints import save_tiny_qwen2vl, tiny_qwen2vl_config
+
+    work = args.work or tempfile.mkdtemp(prefix="mmjax-images-")
+    rows = []
+    for variant in args.variants:
+        hf_dir, flax_dir = os.path.join(work, variant, "hf"), os.path.join(work, variant, "flax")
+        if not os.path.isdir(flax_dir):
+            cfg = tiny_qwen2vl_config(variant, vision_width=32, vision_depth=2, text_hidden=64, max_positions=32768)
+            save_tiny_qwen2vl(hf_dir, variant, cfg, max_pixels=MAX_PIXELS)
+            convert(hf_dir, flax_dir, progress=False)
+        for size in args.sizes:
+            res = {side: one(_HF if side == "hf" else _MMJAX, hf_dir if side == "hf" else flax_dir, size)
+                   for side in args.sides}
+            rows.append((variant, size, res))
+            print(json.dumps({"variant": variant, "size": size, **res}), flush=True)
+    print(f"\n| model | image | HF time | mmjax time | ratio | HF peak MB | mmjax peak MB | ratio | tokens same |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for variant, size, r in rows:
+        h, m = r.get("hf", {}), r.get("mmjax", {})
+        if "s" not in h or "s" not in m:
+            print(f"| {variant} | {size}² | {h.get('s', h.get('error'))} | {m.get('s', m.get('error'))} | | | | | |")
+            continue
+        print(f"| {variant} | {size}² | {h['s']:.2f} s | {m['s']:.2f} s | {m['s'] / h['s']:.2f}x | "
+              f"{h['peak_mb']:.0f} | {m['peak_mb']:.0f} | {m['peak_mb'] / max(h['peak_mb'], 1):.2f}x | "
+              f"{'yes' if h['tokens'] == m['tokens'] else 'NO'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
