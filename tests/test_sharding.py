@@ -8,6 +8,7 @@ logits of a sharded run within 1e-5 of one device (partial sums are added in ano
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -70,7 +71,7 @@ def test_make_mesh_has_auto_axes():
 def test_logical_to_spec_split_replicate_and_errors():
     from jax.sharding import PartitionSpec as P
 
-    from mmjax.sharding import ShardingError, logical_to_spec
+    from mmjax.sharding import Fallback, ShardingError, logical_to_spec
 
     mesh = fake_mesh(data=2, model=8)
     assert logical_to_spec("q", (64, 8, 8), "DNH", mesh) == P(None, "model")
@@ -80,9 +81,18 @@ def test_logical_to_spec_split_replicate_and_errors():
     assert logical_to_spec("cache", (1, 48, 8, 8), "BSKH", mesh) == P(None, None, "model")  # 1 row
     assert logical_to_spec("norm", (64,), None, mesh) == P()
     assert logical_to_spec("q", (64, 8, 8), "DNH", fake_mesh(data=8)) == P()  # no model axis
-    with pytest.raises(ShardingError, match=re.escape("gate: dimension 1 (F=100) is split over mesh axis "
-                                                      "model of size 8, and 100 % 8 = 4")):
-        logical_to_spec("gate", (64, 100), "DF", mesh)
+    found = []  # F=100 on 8 devices: kept whole, recorded; the caller logs it
+    assert logical_to_spec("gate", (64, 100), "DF", mesh, fallbacks=found) == P()
+    assert found == [Fallback(dim=1, letter="F", size=100, wanted=("model",), n=8)]
+    found = []  # a letter over two mesh axes keeps the leading run that divides
+    rules = {"I": ("data", "model")}
+    assert logical_to_spec("px", (16, 3), ("I", None), mesh, rules, found) == P(("data", "model"))
+    assert logical_to_spec("px", (6, 3), ("I", None), mesh, rules, found) == P("data")
+    assert logical_to_spec("px", (3, 3), ("I", None), mesh, rules, found) == P()
+    assert [(f.size, f.kept) for f in found] == [(6, ("data",)), (3, ())]
+    with pytest.raises(ShardingError, match=re.escape("x: axis letter 'E' (dimension 1) is not in the legend")):
+        logical_to_spec("x", (64, 8), "DE", mesh)
+    assert logical_to_spec("x", (64, 8), "DE", mesh, {"E": "model"}) == P(None, "model")  # axis_rules adds E
     with pytest.raises(ShardingError, match=re.escape("x: rule axes 'DF' name 2 dimensions, the parameter "
                                                       "has shape (64, 8, 8)")):
         logical_to_spec("x", (64, 8, 8), "DF", mesh)
@@ -128,13 +138,41 @@ def test_param_shardings_errors_name_the_parameter():
     with pytest.raises(ShardingError, match=r"no sharding rule matches decoder/final_norm/scale"):
         param_specs([(r"decoder/(?!final_norm).*", None), (r"vision/.*", None), (r"projector/.*", None)],
                     flat, fake_mesh(model=2), family_name="llava")
+    with pytest.raises(ShardingError, match=re.escape("decoder/final_norm/scale (rule 'decoder/final_norm/scale'): "
+                                                      "rule axes 'DD' name 2 dimensions, the parameter has shape "
+                                                      "(64,)")):
+        param_specs([(r"decoder/final_norm/scale", "DD"), (r".*", None)], flat, fake_mesh(model=2))
     with pytest.raises(ShardingError, match=re.escape("decoder/embed/embedding (rule 'decoder/embed/embedding'): "
-                                                      "dimension 0 (V=512) is split over mesh axis model of size "
-                                                      "3, and 512 % 3 = 2")):
-        param_specs(family.sharding(cfg), flat, fake_mesh(model=3))
+                                                      "axis letter 'X' (dimension 0) is not in the legend")):
+        param_specs([(r"decoder/embed/embedding", "XD"), (r".*", None)], flat, fake_mesh(model=2))
     bare = dataclasses.replace(family, name="bare", sharding=None)
     with pytest.raises(ShardingError, match="family 'bare' has no sharding rules"):
         param_shardings(bare, cfg, fake_mesh(model=2), flat)
+
+
+def test_fallback_is_logged_once_per_table(caplog):
+    from jax.sharding import PartitionSpec as P
+
+    from mmjax.sharding import param_specs
+    from mmjax.tree import flatten_params
+
+    family, cfg, shapes = _llava(**dict(TINY, kv_heads=4, vision_heads=4))  # 8 does not divide 4
+    flat = flatten_params(shapes)
+    caplog.set_level(logging.INFO, logger="mmjax.sharding")
+    specs = param_specs(family.sharding(cfg), flat, fake_mesh(model=8), family_name="llava")
+    (rec,) = [r for r in caplog.records if r.name == "mmjax.sharding"]
+    assert rec.levelno == logging.WARNING  # N fell back: not routine, unlike K
+    msg = rec.getMessage()
+    assert msg.startswith(f"llava on mesh model:8: 18 of {len(flat)} parameters are replicated"), msg
+    assert "K=4 over model=8: decoder/layers_*/attn/k/kernel x2, decoder/layers_*/attn/v/kernel x2; " in msg
+    assert "N=4 over model=8: " in msg and "vision/layers_*/attn/o/kernel x2" in msg
+    assert specs["vision/layers_0/attn/q/kernel"] == P() and specs["vision/layers_0/attn/o/kernel"] == P()
+    assert specs["vision/layers_0/mlp/fc1/kernel"] == P(None, "model")  # F=128 still splits
+    assert specs["decoder/layers_0/attn/q/kernel"] == P(None, "model")
+
+    caplog.clear()  # data:4,model:2 divides every split dimension: no line
+    param_specs(family.sharding(cfg), flat, fake_mesh(data=4, model=2))
+    assert not [r for r in caplog.records if r.name == "mmjax.sharding"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@
 See docs/sharding.md for the rule tables and how to run on several hosts.
 """
 from mmjax.sharding.mesh import initialize_distributed, make_mesh, parse_mesh_spec
-from mmjax.sharding.rules import (AXIS_RULES, CACHE_AXES, INDIVISIBLE_REPLICATED, ShardingError, batch_sharding,
-                                  logical_to_spec, param_shardings, param_specs, shard_batch, shard_params,
-                                  state_shardings, to_host)
+from mmjax.sharding.rules import (AXIS_RULES, CACHE_AXES, INDIVISIBLE_REPLICATED, Fallback, ShardingError,
+                                  batch_sharding, logical_to_spec, param_shardings, param_specs, shard_batch,
+                                  shard_params, state_shardings, to_host)
 
 __all__ = ["make_mesh", "parse_mesh_spec", "initialize_distributed", "AXIS_RULES", "CACHE_AXES",
-           "INDIVISIBLE_REPLICATED", "ShardingError", "logical_to_spec", "param_specs", "param_shardings",
+           "INDIVISIBLE_REPLICATED", "Fallback", "ShardingError", "logical_to_spec", "param_specs", "param_shardings",
            "shard_params", "batch_sharding", "shard_batch", "state_shardings", "to_host"]
