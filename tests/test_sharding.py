@@ -145,6 +145,8 @@ def test_param_shardings_errors_name_the_parameter():
     with pytest.raises(ShardingError, match=re.escape("decoder/embed/embedding (rule 'decoder/embed/embedding'): "
                                                       "axis letter 'X' (dimension 0) is not in the legend")):
         param_specs([(r"decoder/embed/embedding", "XD"), (r".*", None)], flat, fake_mesh(model=2))
+    with pytest.raises(ShardingError, match=re.escape("mm_encoder_tp_mode 'date' is not one of 'weights', 'data'")):
+        param_specs(family.sharding(cfg), flat, fake_mesh(model=2), mm_encoder_tp_mode="date")
     bare = dataclasses.replace(family, name="bare", sharding=None)
     with pytest.raises(ShardingError, match="family 'bare' has no sharding rules"):
         param_shardings(bare, cfg, fake_mesh(model=2), flat)
@@ -173,6 +175,33 @@ def test_fallback_is_logged_once_per_table(caplog):
     caplog.clear()  # data:4,model:2 divides every split dimension: no line
     param_specs(family.sharding(cfg), flat, fake_mesh(data=4, model=2))
     assert not [r for r in caplog.records if r.name == "mmjax.sharding"]
+    caplog.clear()
+    param_specs(family.sharding(cfg), flat, fake_mesh(model=8), mm_encoder_tp_mode="data")
+    (rec,) = [r for r in caplog.records if r.name == "mmjax.sharding"]
+    assert rec.levelno == logging.INFO and "vision" not in rec.getMessage()  # only the routine K
+
+
+def test_encoder_data_mode_replicates_the_tower_and_splits_images():
+    from jax.sharding import AbstractMesh, AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from mmjax.sharding import encoder_input_sharding, param_specs
+    from mmjax.tree import flatten_params
+
+    family, cfg, shapes = _llava(**CONFIGS["A"])
+    flat = flatten_params(shapes)
+    weights = param_specs(family.sharding(cfg), flat, fake_mesh(data=2, model=4))
+    data = param_specs(family.sharding(cfg), flat, fake_mesh(data=2, model=4), mm_encoder_tp_mode="data")
+    for path, spec in data.items():
+        encoder = path.startswith(("vision/", "projector/"))
+        assert spec == (P() if encoder else weights[path]), path
+    assert weights["vision/layers_0/attn/q/kernel"] == P(None, "model")
+
+    mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    for mode, n, want in [("data", 8, P(("data", "model"))), ("data", 2, P("data")), ("data", 3, P()),
+                          ("weights", 8, P("data")), ("weights", 3, P())]:
+        assert encoder_input_sharding(mesh, (n, 3, 32, 32), mode).spec == want, (mode, n)
+    assert encoder_input_sharding(mesh, (64, 1176), "data").spec == P(("data", "model"))  # Qwen2-VL patches
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,8 +307,9 @@ def test_load_restores_straight_into_shards(mesh_results):
 
 def test_docs_examples_run(mesh_results):
     docs = mesh_results["docs"]
-    assert docs["blocks"] == 2
+    assert docs["blocks"] == 3
     assert "P('model',)" in docs["stdout"]
+    assert "P(('data', 'model'),)\nP('data',)" in docs["stdout"]
 
 
 # --------------------------------------------------------------------------------------------

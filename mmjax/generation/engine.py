@@ -40,12 +40,13 @@ def _gather_last(h, lengths):  # h [B, T, D], lengths [B] -> [B, 1, D]
 class Engine:
     """Holds the jitted prefill / decode_step of one module (one compile per shape bucket)."""
 
-    def __init__(self, module, state_sharding=None):
+    def __init__(self, module, state_sharding=None, encoder_sharding=None):
         """state_sharding: None on one device; with a mesh, state -> matching tree of shardings
         (mmjax.sharding.state_shardings), pinned on every step's output so the donated state
         keeps one layout from step to step and the partitioner never gathers the cache."""
         self.module = module
         self.state_sharding = state_sharding
+        self.encoder_sharding = encoder_sharding  # images' shape -> layout (mmjax.sharding.encoder_input_sharding)
         # A custom call has no sharding rule: programs partitioned over a mesh keep XLA's dot.
         trace = _without_cpu_kernels if state_sharding is not None else (lambda f: f)
         self.prefill = jax.jit(trace(self._prefill), static_argnames=("cache_len", "max_new", "greedy"))
@@ -59,6 +60,9 @@ class Engine:
     def _prefill(self, params, batch, lengths, sp, stop_ids, min_new, max_new_tokens, key, *,
                  cache_len, max_new, greedy):
         m = self.module
+        if self.encoder_sharding is not None and batch.get("pixel_values") is not None:
+            batch = {**batch, "pixel_values": jax.lax.with_sharding_constraint(
+                batch["pixel_values"], self.encoder_sharding(batch["pixel_values"].shape))}
 
         def run(mod):
             x, positions, pos_offset = mod.embed(batch)

@@ -23,6 +23,10 @@ rows B fall back routinely (fewer kv heads than devices, one prompt on `data:2`)
 INFO when only they fell back, WARNING otherwise. What still raises a ShardingError naming the
 parameter is a table that is wrong whatever the mesh: a parameter no rule matches, a rule whose
 axes do not have the parameter's rank, a letter outside the legend, two letters on one mesh axis.
+
+mm_encoder_tp_mode="data" (vLLM's name) replicates the vision tower and projector
+(ENCODER_PATHS) and splits the images over the whole mesh instead (encoder_input_sharding):
+the tower then runs data parallel with no collectives, which suits small towers and many images.
 """
 from __future__ import annotations
 
@@ -40,16 +44,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mmjax.errors import MmjaxError
 from mmjax.tree import flatten_params, unflatten_params
 
-__all__ = ["AXIS_RULES", "INDIVISIBLE_REPLICATED", "LEGEND", "Fallback", "ShardingError", "block_rules",
-           "logical_to_spec", "param_specs", "param_shardings", "shard_params", "batch_sharding", "shard_batch",
-           "state_shardings", "CACHE_AXES", "to_host"]
+__all__ = ["AXIS_RULES", "INDIVISIBLE_REPLICATED", "LEGEND", "ENCODER_MODES", "ENCODER_PATHS", "Fallback",
+           "ShardingError", "block_rules", "logical_to_spec", "param_specs", "param_shardings", "shard_params",
+           "batch_sharding", "shard_batch", "encoder_input_sharding", "state_shardings", "CACHE_AXES", "to_host"]
 
 log = logging.getLogger("mmjax.sharding")
 
 
 class ShardingError(MmjaxError, ValueError):
-    """A sharding rule table is wrong for a parameter (no rule, wrong rank, unknown letter).
-    Sizes the mesh does not divide are not errors (they fall back)."""
+    """A sharding rule table is wrong for a parameter (no rule, wrong rank, unknown letter), or an
+    option is not one mmjax knows. Sizes the mesh does not divide are not errors (they fall back)."""
 
 
 # legend letter -> mesh axis (or tuple of mesh axes); letters not listed stay whole.
@@ -64,6 +68,8 @@ INDIVISIBLE_REPLICATED = frozenset("KB")  # routine fallbacks: logged at INFO, t
 CACHE_AXES = "BKSH"  # one layer's "k" / "v" in the generation state
 # docs/architecture.md#axis-legend, plus U (Qwen2-VL's merged tokens); axis_rules may add letters
 LEGEND = frozenset("BTSNKGHDFVIPCLU")
+ENCODER_MODES = ("weights", "data")  # mm_encoder_tp_mode: split the tower's weights, or its images
+ENCODER_PATHS = re.compile(r"(vision|projector)(/.*)?")  # what mm_encoder_tp_mode="data" replicates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +156,13 @@ def _compile(rules, family_name: str):
 
 
 def param_specs(rules, shapes: Mapping[str, Any], mesh: Mesh, axis_rules: Mapping[str, Any] = AXIS_RULES,
-                family_name: str = "model") -> dict[str, PartitionSpec]:
+                family_name: str = "model", mm_encoder_tp_mode: str = "weights") -> dict[str, PartitionSpec]:
     """{"a/b/kernel": PartitionSpec} for flat `shapes` ({path: anything with .shape}).
 
-    Dimensions the mesh does not divide fall back (logical_to_spec), reported in one log line."""
+    Dimensions the mesh does not divide fall back (logical_to_spec), reported in one log line.
+    mm_encoder_tp_mode="data" replicates the ENCODER_PATHS parameters (their rules are still
+    checked)."""
+    _check_mode(mm_encoder_tp_mode)
     compiled = _compile(rules, family_name)
     out, unmatched, fallbacks = {}, [], []
     for path, s in shapes.items():
@@ -163,7 +172,10 @@ def param_specs(rules, shapes: Mapping[str, Any], mesh: Mesh, axis_rules: Mappin
             continue
         found = []
         out[path] = logical_to_spec(f"{path} (rule {hit[0]!r})", tuple(s.shape), hit[1], mesh, axis_rules, found)
-        fallbacks += [(path, f) for f in found]
+        if mm_encoder_tp_mode == "data" and ENCODER_PATHS.fullmatch(path):
+            out[path] = PartitionSpec()
+        else:
+            fallbacks += [(path, f) for f in found]
     if unmatched:
         raise ShardingError(f"family {family_name!r}: no sharding rule matches "
                             + ", ".join(unmatched[:8]) + (f" (+{len(unmatched) - 8} more)" if len(unmatched) > 8 else "")
@@ -194,6 +206,11 @@ def _log_fallbacks(family_name: str, mesh: Mesh, n_params: int, fallbacks: list,
             "; ".join(parts))
 
 
+def _check_mode(mode) -> None:
+    if mode not in ENCODER_MODES:
+        raise ShardingError(f"mm_encoder_tp_mode {mode!r} is not one of {', '.join(map(repr, ENCODER_MODES))}")
+
+
 def _family_rules(family, cfg) -> list:
     if family.sharding is None:
         raise ShardingError(f"family {family.name!r} has no sharding rules: register it with "
@@ -202,21 +219,24 @@ def _family_rules(family, cfg) -> list:
     return list(family.sharding(cfg))
 
 
-def param_shardings(family, cfg, mesh: Mesh, shapes, axis_rules: Mapping[str, Any] | None = None):
+def param_shardings(family, cfg, mesh: Mesh, shapes, axis_rules: Mapping[str, Any] | None = None,
+                    mm_encoder_tp_mode: str = "weights"):
     """Restore target: `shapes` (nested or flat dict of ShapeDtypeStruct, e.g. the checkpoint's
     metadata) -> the same tree of ShapeDtypeStruct carrying NamedSharding(mesh, spec)."""
     nested = any(isinstance(v, Mapping) for v in shapes.values())
     flat = flatten_params(shapes) if nested else dict(shapes)
-    specs = param_specs(_family_rules(family, cfg), flat, mesh, axis_rules or AXIS_RULES, family.name)
+    specs = param_specs(_family_rules(family, cfg), flat, mesh, axis_rules or AXIS_RULES, family.name,
+                        mm_encoder_tp_mode)
     out = {p: jax.ShapeDtypeStruct(tuple(s.shape), s.dtype, sharding=NamedSharding(mesh, specs[p]))
            for p, s in flat.items()}
     return unflatten_params(out) if nested else out
 
 
-def shard_params(family, cfg, mesh: Mesh, params, axis_rules: Mapping[str, Any] | None = None):
+def shard_params(family, cfg, mesh: Mesh, params, axis_rules: Mapping[str, Any] | None = None,
+                 mm_encoder_tp_mode: str = "weights"):
     """Place an in-memory params tree (e.g. from module.init) on the mesh by the family's rules."""
     target = param_shardings(family, cfg, mesh, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                                             params), axis_rules)
+                                                             params), axis_rules, mm_encoder_tp_mode)
     return jax.tree.map(lambda a, t: jax.device_put(a, t.sharding), params, target)
 
 
@@ -229,6 +249,24 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int], axis_rules: Mapping[str, An
 def shard_batch(mesh: Mesh, batch: Mapping[str, Any], axis_rules: Mapping[str, Any] = AXIS_RULES) -> dict:
     """device_put every input array with batch_sharding (every process passes the same values)."""
     return {k: jax.device_put(v, batch_sharding(mesh, np.shape(v), axis_rules)) for k, v in batch.items()}
+
+
+def encoder_input_sharding(mesh: Mesh, shape: Sequence[int], mode: str = "weights",
+                           axis_rules: Mapping[str, Any] = AXIS_RULES) -> NamedSharding:
+    """Layout of a vision input inside the program, by its leading axis (LLaVA's images
+    [I, C, Hi, Wi], Qwen2-VL's patches [P, C*t*ps*ps]).
+
+    "weights": over the batch axis, as the rows (the tower's weights are split over the rest).
+    "data": over every mesh axis, mesh order (("data", "model")): each device encodes its own
+    images with a replicated tower. A count the axes do not divide keeps the longest leading run
+    of them that does (2 images on data:2,model:4 go over `data`), else is replicated."""
+    _check_mode(mode)
+    if mode == "data":
+        rules = {"I": tuple(mesh.shape)}
+    else:
+        rules = {"I": axis_rules.get("B")}
+    axes = ("I",) + (None,) * (len(shape) - 1) if len(shape) else ()
+    return NamedSharding(mesh, logical_to_spec("encoder input", shape, axes, mesh, rules))
 
 
 def state_shardings(mesh: Mesh, state, axis_rules: Mapping[str, Any] = AXIS_RULES):
