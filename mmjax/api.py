@@ -21,7 +21,7 @@ from mmjax.generation.sampling import SamplingParams
 from mmjax.generation.state import StepArgs
 from mmjax.jsonfile import read_json
 from mmjax.models.base import param_shapes
-from mmjax.sharding import make_mesh, param_shardings, shard_batch, state_shardings, to_host
+from mmjax.sharding import encoder_input_sharding, make_mesh, param_shardings, shard_batch, state_shardings, to_host
 from mmjax.tree import flatten_params
 
 __all__ = ["Model", "GenerationOutput", "load", "forward", "generate"]
@@ -42,14 +42,16 @@ class Model:
     dtype: Any
     buckets: Buckets = DEFAULT_BUCKETS
     mesh: Any = None
+    mm_encoder_tp_mode: str = "weights"  # with a mesh: split the vision tower's weights, or its images
     engine: Engine = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
-        state_sharding = None
+        state_sharding = encoder_sharding = None
         if self.mesh is not None:  # the generation state's layout on the mesh (docs/sharding.md)
             self.mesh = make_mesh(self.mesh)
             state_sharding = functools.partial(state_shardings, self.mesh)
-        self.engine = Engine(self.module, state_sharding)
+            encoder_sharding = functools.partial(encoder_input_sharding, self.mesh, mode=self.mm_encoder_tp_mode)
+        self.engine = Engine(self.module, state_sharding, encoder_sharding)
 
     @property
     def tokenizer(self):
@@ -97,7 +99,8 @@ def _check_family_spec(path: str, spec) -> None:
                             "folder; mmjax does not run code shipped with a model (install the family's package)")
 
 
-def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache: bool | None = None) -> Model:
+def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: Buckets | None = None,
+         compile_cache: bool | None = None) -> Model:
     """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files.
 
     compile_cache: JAX's persistent compilation cache (default on; MMJAX_COMPILE_CACHE=0 turns it off)."""
@@ -143,10 +146,11 @@ def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache:
     target = stored_tree  # restored straight onto the (first) device
     if mesh is not None:  # each device reads only its own shards (docs/sharding.md)
         mesh = make_mesh(mesh)
-        target = param_shardings(family, cfg, mesh, stored_tree)
+        target = param_shardings(family, cfg, mesh, stored_tree, mm_encoder_tp_mode=mm_encoder_tp_mode)
     params = checkpoint.restore_params(os.path.join(path, "params"), target)
     processor = family.processor(path, cfg) if family.processor is not None else None
-    return Model(path, family, cfg, module, params, processor, dtype, buckets or DEFAULT_BUCKETS, mesh)
+    return Model(path, family, cfg, module, params, processor, dtype, buckets or DEFAULT_BUCKETS, mesh,
+                 mm_encoder_tp_mode)
 
 
 def _lengths(input_ids, attention_mask) -> np.ndarray:

@@ -4,10 +4,12 @@ The main pytest process stays single-device: multi-device checks run this file a
 a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count set before JAX is imported
 (one subprocess runs every mesh shape; the two-process test starts two more). Tolerance:
 logits of a sharded run within 1e-5 of one device (partial sums are added in another order).
+Any mesh must work: tiny LLaVA C and Qwen2-VL Q have head counts 8 does not divide.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -24,12 +26,19 @@ LOGIT_TOL = 1e-5
 MESHES = ("model:2", "model:4", "model:8", "data:2,model:4")
 PROMPTS = ["<image>\nWhat is this?", "<image>\nhello there general kenobi"]
 NEW_TOKENS = 12
-# tiny LLaVAs: A has every split axis divisible by 8; B has 2 kv heads (replicated on model:4 / 8);
-# BIG has a 64 MiB embedding (tied: the largest tensor) for the loading checks.
+# tiny LLaVAs: A has every split axis divisible by 8; C has 4 vision heads and 4 kv heads (8 decoder
+# heads), so model:8 replicates the tower's attention and the k/v kernels; BIG has a 64 MiB
+# embedding (tied: the largest tensor) for the loading checks.
 TINY = dict(vocab_size=512, text_hidden=64, text_layers=2, heads=8, inter=128, vision_hidden=64,
             vision_heads=8, vision_inter=128, vision_layers=3)
-CONFIGS = {"A": dict(TINY, kv_heads=8), "B": dict(TINY, kv_heads=2),
+CONFIGS = {"A": dict(TINY, kv_heads=8), "C": dict(TINY, kv_heads=4, vision_heads=4),
            "BIG": dict(TINY, vocab_size=32768, text_hidden=512, text_layers=1, kv_heads=8, inter=256, tie=True)}
+# tiny Qwen2-VL: 6 vision heads (width 48) and the builder's 4 decoder heads / 2 kv heads: on
+# model:8 even the decoder's q and o fall back; 6 heads split only on data:4,model:2.
+QWEN = dict(vision_width=48, vision_heads=6)
+# meshes that do not divide C's / Q's heads; the vision tower data parallel on one of them
+ODD_MESHES = ("model:8", "data:4,model:2", "data:2,model:4")
+ENCODER_DATA_MESH = "data:2,model:4"
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +79,7 @@ def test_make_mesh_has_auto_axes():
 def test_logical_to_spec_split_replicate_and_errors():
     from jax.sharding import PartitionSpec as P
 
-    from mmjax.sharding import ShardingError, logical_to_spec
+    from mmjax.sharding import Fallback, ShardingError, logical_to_spec
 
     mesh = fake_mesh(data=2, model=8)
     assert logical_to_spec("q", (64, 8, 8), "DNH", mesh) == P(None, "model")
@@ -80,9 +89,18 @@ def test_logical_to_spec_split_replicate_and_errors():
     assert logical_to_spec("cache", (1, 48, 8, 8), "BSKH", mesh) == P(None, None, "model")  # 1 row
     assert logical_to_spec("norm", (64,), None, mesh) == P()
     assert logical_to_spec("q", (64, 8, 8), "DNH", fake_mesh(data=8)) == P()  # no model axis
-    with pytest.raises(ShardingError, match=re.escape("gate: dimension 1 (F=100) is split over mesh axis "
-                                                      "model of size 8, and 100 % 8 = 4")):
-        logical_to_spec("gate", (64, 100), "DF", mesh)
+    found = []  # F=100 on 8 devices: kept whole, recorded; the caller logs it
+    assert logical_to_spec("gate", (64, 100), "DF", mesh, fallbacks=found) == P()
+    assert found == [Fallback(dim=1, letter="F", size=100, wanted=("model",), n=8)]
+    found = []  # a letter over two mesh axes keeps the leading run that divides
+    rules = {"I": ("data", "model")}
+    assert logical_to_spec("px", (16, 3), ("I", None), mesh, rules, found) == P(("data", "model"))
+    assert logical_to_spec("px", (6, 3), ("I", None), mesh, rules, found) == P("data")
+    assert logical_to_spec("px", (3, 3), ("I", None), mesh, rules, found) == P()
+    assert [(f.size, f.kept) for f in found] == [(6, ("data",)), (3, ())]
+    with pytest.raises(ShardingError, match=re.escape("x: axis letter 'E' (dimension 1) is not in the legend")):
+        logical_to_spec("x", (64, 8), "DE", mesh)
+    assert logical_to_spec("x", (64, 8), "DE", mesh, {"E": "model"}) == P(None, "model")  # axis_rules adds E
     with pytest.raises(ShardingError, match=re.escape("x: rule axes 'DF' name 2 dimensions, the parameter "
                                                       "has shape (64, 8, 8)")):
         logical_to_spec("x", (64, 8, 8), "DF", mesh)
@@ -128,13 +146,70 @@ def test_param_shardings_errors_name_the_parameter():
     with pytest.raises(ShardingError, match=r"no sharding rule matches decoder/final_norm/scale"):
         param_specs([(r"decoder/(?!final_norm).*", None), (r"vision/.*", None), (r"projector/.*", None)],
                     flat, fake_mesh(model=2), family_name="llava")
+    with pytest.raises(ShardingError, match=re.escape("decoder/final_norm/scale (rule 'decoder/final_norm/scale'): "
+                                                      "rule axes 'DD' name 2 dimensions, the parameter has shape "
+                                                      "(64,)")):
+        param_specs([(r"decoder/final_norm/scale", "DD"), (r".*", None)], flat, fake_mesh(model=2))
     with pytest.raises(ShardingError, match=re.escape("decoder/embed/embedding (rule 'decoder/embed/embedding'): "
-                                                      "dimension 0 (V=512) is split over mesh axis model of size "
-                                                      "3, and 512 % 3 = 2")):
-        param_specs(family.sharding(cfg), flat, fake_mesh(model=3))
+                                                      "axis letter 'X' (dimension 0) is not in the legend")):
+        param_specs([(r"decoder/embed/embedding", "XD"), (r".*", None)], flat, fake_mesh(model=2))
+    with pytest.raises(ShardingError, match=re.escape("mm_encoder_tp_mode 'date' is not one of 'weights', 'data'")):
+        param_specs(family.sharding(cfg), flat, fake_mesh(model=2), mm_encoder_tp_mode="date")
     bare = dataclasses.replace(family, name="bare", sharding=None)
     with pytest.raises(ShardingError, match="family 'bare' has no sharding rules"):
         param_shardings(bare, cfg, fake_mesh(model=2), flat)
+
+
+def test_fallback_is_logged_once_per_table(caplog):
+    from jax.sharding import PartitionSpec as P
+
+    from mmjax.sharding import param_specs
+    from mmjax.tree import flatten_params
+
+    family, cfg, shapes = _llava(**CONFIGS["C"])
+    flat = flatten_params(shapes)
+    caplog.set_level(logging.INFO, logger="mmjax.sharding")
+    specs = param_specs(family.sharding(cfg), flat, fake_mesh(model=8), family_name="llava")
+    (rec,) = [r for r in caplog.records if r.name == "mmjax.sharding"]
+    assert rec.levelno == logging.WARNING  # N fell back: not routine, unlike K
+    msg = rec.getMessage()
+    assert msg.startswith(f"llava on mesh model:8: 18 of {len(flat)} parameters are replicated"), msg
+    assert "K=4 over model=8: decoder/layers_*/attn/k/kernel x2, decoder/layers_*/attn/v/kernel x2; " in msg
+    assert "N=4 over model=8: " in msg and "vision/layers_*/attn/o/kernel x2" in msg
+    assert specs["vision/layers_0/attn/q/kernel"] == P() and specs["vision/layers_0/attn/o/kernel"] == P()
+    assert specs["vision/layers_0/mlp/fc1/kernel"] == P(None, "model")  # F=128 still splits
+    assert specs["decoder/layers_0/attn/q/kernel"] == P(None, "model")
+
+    caplog.clear()  # data:4,model:2 divides every split dimension: no line
+    param_specs(family.sharding(cfg), flat, fake_mesh(data=4, model=2))
+    assert not [r for r in caplog.records if r.name == "mmjax.sharding"]
+    caplog.clear()
+    param_specs(family.sharding(cfg), flat, fake_mesh(model=8), mm_encoder_tp_mode="data")
+    (rec,) = [r for r in caplog.records if r.name == "mmjax.sharding"]
+    assert rec.levelno == logging.INFO and "vision" not in rec.getMessage()  # only the routine K
+
+
+def test_encoder_data_mode_replicates_the_tower_and_splits_images():
+    from jax.sharding import AbstractMesh, AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from mmjax.sharding import encoder_input_sharding, param_specs
+    from mmjax.tree import flatten_params
+
+    family, cfg, shapes = _llava(**CONFIGS["A"])
+    flat = flatten_params(shapes)
+    weights = param_specs(family.sharding(cfg), flat, fake_mesh(data=2, model=4))
+    data = param_specs(family.sharding(cfg), flat, fake_mesh(data=2, model=4), mm_encoder_tp_mode="data")
+    for path, spec in data.items():
+        encoder = path.startswith(("vision/", "projector/"))
+        assert spec == (P() if encoder else weights[path]), path
+    assert weights["vision/layers_0/attn/q/kernel"] == P(None, "model")
+
+    mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    for mode, n, want in [("data", 8, P(("data", "model"))), ("data", 2, P("data")), ("data", 3, P()),
+                          ("weights", 8, P("data")), ("weights", 3, P())]:
+        assert encoder_input_sharding(mesh, (n, 3, 32, 32), mode).spec == want, (mode, n)
+    assert encoder_input_sharding(mesh, (64, 1176), "data").spec == P(("data", "model"))  # Qwen2-VL patches
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +219,7 @@ def test_param_shardings_errors_name_the_parameter():
 def folders(tmp_path_factory):
     from converters.torch2flax import convert
     from mmjax.testing.checkpoints import save_tiny_llava, tiny_llava_config
+    from mmjax.testing.qwen_checkpoints import save_tiny_qwen2vl, tiny_qwen2vl_config
 
     root = tmp_path_factory.mktemp("sharding")
     out = {}
@@ -151,6 +227,9 @@ def folders(tmp_path_factory):
         save_tiny_llava(root / f"{name}_hf", tiny_llava_config(**kw), seed=1)
         convert(root / f"{name}_hf", root / name, progress=False)
         out[name] = str(root / name)
+    save_tiny_qwen2vl(root / "Q_hf", "qwen2_vl", tiny_qwen2vl_config("qwen2_vl", **QWEN), seed=1)
+    convert(root / "Q_hf", root / "Q", progress=False)
+    out["Q"] = str(root / "Q")
     return out
 
 
@@ -187,14 +266,51 @@ def test_sharded_generation_matches_one_device(mesh_results):
     assert len(ref["tokens"]) == 2 and all(len(t) == NEW_TOKENS for t in ref["tokens"])
 
 
+@pytest.mark.parametrize("name", ["C", "Q"])
+def test_any_mesh_generates_like_one_device(mesh_results, name):
+    ref = mesh_results[name]["single"]
+    for key in ODD_MESHES + (f"{ENCODER_DATA_MESH} data",):
+        got = mesh_results[name][key]
+        assert got["tokens"] == ref["tokens"], f"{name} {key}: greedy tokens differ from one device"
+        assert got["max_dlogit"] < LOGIT_TOL, f"{name} {key}: max |dlogits| {got['max_dlogit']:.2e}"
+    assert len(ref["tokens"]) == 2 and all(len(t) == NEW_TOKENS for t in ref["tokens"])
+
+
 def test_kv_heads_that_do_not_divide_are_replicated(mesh_results):
-    b = mesh_results["B"]
-    assert b["model:8"]["tokens"] == b["single"]["tokens"]
-    assert b["model:8"]["max_dlogit"] < LOGIT_TOL
-    assert b["model:8"]["k_spec"] == "P()"  # 2 kv heads over 8 devices
-    assert b["model:8"]["q_spec"] == "P(None, 'model')"
-    assert b["model:8"]["cache_spec"] == "P()"
+    c = mesh_results["C"]["model:8"]
+    assert c["k_spec"] == "P()"  # 4 kv heads over 8 devices
+    assert c["q_spec"] == "P(None, 'model')"
+    assert c["cache_spec"] == "P()"
     assert mesh_results["A"]["data:2,model:4"]["cache_spec"] == "P('data', 'model')"  # [B, K, S, H]
+
+
+def test_heads_that_do_not_divide_fall_back_with_one_log_line(mesh_results):
+    c, q = mesh_results["C"], mesh_results["Q"]
+    # C on model:8: the 4-head tower's attention is whole on every device, its MLP still split
+    assert (c["model:8"]["vision_q_spec"], c["model:8"]["vision_fc1_spec"]) == ("P()", "P(None, 'model')")
+    ((level, line),) = c["model:8"]["log"]
+    assert level == "WARNING" and "N=4 over model=8: vision/layers_*/attn/k/bias x2" in line, line
+    assert "K=4 over model=8: decoder/layers_*/attn/k/kernel x2" in line, line
+    assert c["data:4,model:2"]["log"] == [] and c["data:4,model:2"]["vision_q_spec"] == "P(None, 'model')"
+    # Q on model:8: 4 decoder heads and 6 vision heads both fall back; on data:4,model:2 both split
+    ((level, line),) = q["model:8"]["log"]
+    assert "N=4 over model=8: decoder/layers_*/attn/o/kernel x2" in line and "N=6 over model=8: vision/" in line, line
+    assert (q["model:8"]["q_spec"], q["model:8"]["vision_q_spec"]) == ("P()", "P()")
+    assert q["data:4,model:2"]["vision_q_spec"] == "P(None, 'model')"
+    assert q["data:2,model:4"]["vision_q_spec"] == "P()"  # 6 % 4
+
+
+def test_encoder_data_mode_replicates_the_tower(mesh_results):
+    for name in ("C", "Q"):
+        weights, data = mesh_results[name][ENCODER_DATA_MESH], mesh_results[name][f"{ENCODER_DATA_MESH} data"]
+        assert (data["vision_q_spec"], data["vision_fc1_spec"]) == ("P()", "P()"), name
+        assert data["q_spec"] == weights["q_spec"], name  # the decoder is split as before
+        assert not any("vision/" in line for _, line in data["log"]), name
+        # each device encodes its own images: 1/8 of them (LLaVA: 1 of 8 images, Qwen2-VL: 8 of 64
+        # patches) instead of the 1/2 its `data` group holds; and the tower's all-reduces are gone
+        assert data["tower_rows"] * 4 == weights["tower_rows"], (name, weights["tower_rows"], data["tower_rows"])
+        assert (data["prefill_collectives"].get("all-reduce", 0)
+                < weights["prefill_collectives"].get("all-reduce", 0)), (name, weights, data)
 
 
 # which dimension of each parameter the LLaVA table splits over `model` (None: replicated),
@@ -240,8 +356,9 @@ def test_load_restores_straight_into_shards(mesh_results):
 
 def test_docs_examples_run(mesh_results):
     docs = mesh_results["docs"]
-    assert docs["blocks"] == 2
+    assert docs["blocks"] == 3
     assert "P('model',)" in docs["stdout"]
+    assert "P(('data', 'model'),)\nP('data',)" in docs["stdout"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +437,7 @@ def _logits(model):
 
     img = _image()
     inp = model.preprocess([[img], [img]], PROMPTS, chat_template=False)
-    return mmjax.forward(model, inp["input_ids"], inp["attention_mask"], inp["pixel_values"])
+    return mmjax.forward(model, **inp)  # Qwen2-VL's image_grid_thw too
 
 
 def _prefill_state(model):
@@ -342,8 +459,36 @@ def _prefill_state(model):
 
 def _collectives(model):
     state, args = _prefill_state(model)
-    hlo = model.engine.decode_step.lower(model.params, state, *args, greedy=True).compile().as_text()
-    counts, hidden, D = {}, 0, model.config.text.hidden_size
+    return _count_collectives(model.engine.decode_step.lower(model.params, state, *args, greedy=True).compile()
+                              .as_text(), model.config.text.hidden_size)
+
+
+def _generate_and_prefill_hlo(model):
+    """(_generate's tokens, the compiled text of the prefill program it ran): the arguments are
+    caught on the way in, then lowered again."""
+    jitted, seen = model.engine.prefill, []
+    model.engine.prefill = lambda *a, **k: seen.append((a, k)) or jitted(*a, **k)
+    try:
+        tokens = _generate(model)
+    finally:
+        model.engine.prefill = jitted
+    a, k = seen[0]
+    return tokens, jitted.lower(*a, **k).compile().as_text()
+
+
+def _tower_rows(model, hlo: str) -> int:
+    """Images (LLaVA) or patches (Qwen2-VL) that one device's vision tower runs on in a compiled
+    program: the rows of LLaVA's hidden states [I, P+1, Dv], of Qwen2-VL's blocks' [P, Dv] matmuls."""
+    v = model.config.vision
+    if hasattr(v, "num_patches"):
+        pattern = rf"f32\[(\d+),{v.num_patches + 1},{v.hidden_size}\]"
+    else:
+        pattern = rf"= f32\[(\d+),{v.hidden_size}\]\S* dot\(.*vision/layers_"
+    return min(int(n) for n in re.findall(pattern, hlo))
+
+
+def _count_collectives(hlo: str, D: int) -> dict:
+    counts, hidden = {}, 0
     for line in hlo.splitlines():  # one instruction may reduce a tuple of arrays (XLA's combiner)
         m = re.search(r"= (.+?) (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(", line)
         if m:
@@ -359,20 +504,39 @@ def _meshes_worker(folders: dict) -> dict:
     import jax
 
     import mmjax
+    from mmjax.bucketing import Buckets
     from mmjax.families.llava import FAMILY
     from mmjax.sharding import make_mesh, shard_params
 
     assert jax.device_count() == 8, jax.devices()
     res, report = {}, {}
+    log = logging.getLogger("mmjax.sharding")
+    log.setLevel(logging.INFO)
 
-    def run(folder, mesh, extras=()):
+    def run(folder, mesh, extras=(), **load_kw):
         t0 = time.perf_counter()
-        m = mmjax.load(folder, mesh=mesh)
-        r = {"tokens": _generate(m), "logits": _logits(m)}
-        r["seconds"] = round(time.perf_counter() - t0, 2)
+        lines = []
+        handler = logging.Handler()
+        handler.emit = lambda rec: lines.append([rec.levelname, rec.getMessage()])
+        log.addHandler(handler)
+        try:
+            m = mmjax.load(folder, mesh=mesh, **load_kw)
+        finally:
+            log.removeHandler(handler)
+        r = {"log": lines}
+        if "prefill" in extras:
+            tokens, hlo = _generate_and_prefill_hlo(m)
+            r["prefill_collectives"] = _count_collectives(hlo, m.config.text.hidden_size)["counts"]
+            r["tower_rows"] = _tower_rows(m, hlo)
+        else:
+            tokens = _generate(m)
+        r.update(tokens=tokens, logits=_logits(m), seconds=round(time.perf_counter() - t0, 2))
         if mesh is not None:
             p = m.params["decoder"]["layers_0"]["attn"]
             r["q_spec"], r["k_spec"] = str(p["q"]["kernel"].sharding.spec), str(p["k"]["kernel"].sharding.spec)
+            r["vision_q_spec"] = str(m.params["vision"]["layers_0"]["attn"]["q"]["kernel"].sharding.spec)
+            r["vision_fc1_spec"] = str(m.params["vision"]["layers_0"]["mlp"]["fc1"]["kernel"].sharding.spec)
+        if "cache" in extras:
             r["cache_spec"] = str(_prefill_state(m)[0]["cache"][0]["k"].sharding.spec)
         if "shards" in extras:
             r["shards"] = {"/".join(k.key for k in path): [
@@ -382,15 +546,29 @@ def _meshes_worker(folders: dict) -> dict:
             r["decode_collectives"] = _collectives(m)
         return r
 
-    for name, meshes in (("A", MESHES), ("B", ("model:8",))):
-        single = run(folders[name], None)
+    def compare(name, runs):
+        """runs: (key, mesh, extras, load kwargs); each against one device's tokens and logits."""
+        kw = runs[0][3]
+        single = run(folders[name], None, **{k: v for k, v in kw.items() if k != "mm_encoder_tp_mode"})
         res[name] = {"single": {"tokens": single["tokens"]}}
-        for spec in meshes:
-            extras = {"data:2,model:4": ("shards", "hlo"), "model:4": ("hlo",)}.get(spec, ()) if name == "A" else ()
-            r = run(folders[name], spec, extras)
+        for key, spec, extras, kw in runs:
+            r = run(folders[name], spec, extras, **kw)
             r["max_dlogit"] = float(np.abs(r.pop("logits") - single["logits"]).max())
-            res[name][spec] = r
-            report[f"{name} {spec}"] = {k: r[k] for k in ("max_dlogit", "seconds", "decode_collectives") if k in r}
+            res[name][key] = r
+            report[f"{name} {key}"] = {k: r[k] for k in ("max_dlogit", "seconds", "decode_collectives",
+                                                         "prefill_collectives", "tower_rows", "log") if k in r}
+
+    compare("A", [(spec, spec, ("cache",) + {"data:2,model:4": ("shards", "hlo"), "model:4": ("hlo",)}.get(spec, ()),
+                   {}) for spec in MESHES])
+    # Head counts 8 does not divide; the images are padded to 8 so that mm_encoder_tp_mode="data"
+    # can split them over all 8 devices (Qwen2-VL's 64-patch bucket divides already).
+    eight = {"buckets": Buckets(images=(8,))}
+    for name in ("C", "Q"):
+        runs = [(spec, spec, ("cache",) if spec == "model:8" else (), eight) for spec in ODD_MESHES]
+        runs[ODD_MESHES.index(ENCODER_DATA_MESH)] = (ENCODER_DATA_MESH, ENCODER_DATA_MESH, ("prefill",), eight)
+        runs.append((f"{ENCODER_DATA_MESH} data", ENCODER_DATA_MESH, ("prefill",),
+                     dict(eight, mm_encoder_tp_mode="data")))
+        compare(name, runs)
 
     # loading: the BIG model's 64 MiB embedding over model:8 (after a warm-up load of A, so
     # orbax / tensorstore start-up costs are not counted)

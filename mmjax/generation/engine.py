@@ -16,6 +16,7 @@ trimmed after its first stop token (kept, as HF does).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -24,11 +25,20 @@ import numpy as np
 
 from mmjax.generation.sampling import select_token
 from mmjax.generation.state import DecodeState, StepArgs
+from mmjax.kernels import cpu_ffi
 from mmjax.kernels.attention import MaskSpec
 
 __all__ = ["Engine", "RunResult"]
 
 SYNC_EVERY = 8  # decode steps between host checks for "every row is done"
+
+
+def _without_cpu_kernels(f):
+    @functools.wraps(f)
+    def traced(*args, **kwargs):
+        with cpu_ffi.disabled():
+            return f(*args, **kwargs)
+    return traced
 
 
 def _gather_last(h, lengths):  # h [B, T, D], lengths [B] -> [B, 1, D]
@@ -49,15 +59,18 @@ class Engine:
     The module's config carries the kernel policy (mmjax.kernels.policy), so which kernels a
     program uses is part of the module, hence of every jit cache key."""
 
-    def __init__(self, module, state_sharding=None):
+    def __init__(self, module, state_sharding=None, encoder_sharding=None):
         """state_sharding: None on one device; with a mesh, state -> matching tree of shardings
         (mmjax.sharding.state_shardings), pinned on every step's output so the donated state
         keeps one layout from step to step and the partitioner never gathers the cache."""
         self.module = module
         self.state_sharding = state_sharding
-        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "token_slots", "greedy"))
-        self.decode_step = jax.jit(self._decode_step, static_argnames=("greedy",), donate_argnums=(1,))
-        self.forward = jax.jit(self._forward)
+        self.encoder_sharding = encoder_sharding  # images' shape -> layout (mmjax.sharding.encoder_input_sharding)
+        # A custom call has no sharding rule: programs partitioned over a mesh keep XLA's dot.
+        trace = _without_cpu_kernels if state_sharding is not None else (lambda f: f)
+        self.prefill = jax.jit(trace(self._prefill), static_argnames=("cache_len", "token_slots", "greedy"))
+        self.decode_step = jax.jit(trace(self._decode_step), static_argnames=("greedy",), donate_argnums=(1,))
+        self.forward = jax.jit(trace(self._forward))
 
     # --- pure functions ---------------------------------------------------------------------
     def _forward(self, params, batch):
@@ -65,6 +78,10 @@ class Engine:
 
     def _prefill(self, params, batch, lengths, args: StepArgs, *, cache_len: int, token_slots: int,
                  greedy: bool) -> DecodeState:
+        if self.encoder_sharding is not None and batch.get("pixel_values") is not None:
+            batch = {**batch, "pixel_values": jax.lax.with_sharding_constraint(
+                batch["pixel_values"], self.encoder_sharding(batch["pixel_values"].shape))}
+
         def run(mod):
             x, positions, pos_offset = mod.embed(batch)
             h, kv = mod.decode(x, positions, MaskSpec(causal=True, kv_lengths=lengths))
