@@ -103,8 +103,15 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
          compile_cache: bool | None = None) -> Model:
     """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files.
 
+    mesh: a jax Mesh or a spec such as "data:2,model:4" (docs/sharding.md); mm_encoder_tp_mode
+    "weights" splits the vision tower's weights over `model`, "data" replicates them and splits
+    the images instead (vLLM's mm_encoder_tp_mode).
     compile_cache: JAX's persistent compilation cache (default on; MMJAX_COMPILE_CACHE=0 turns it off)."""
     from mmjax import checkpoint, compile_cache as cc
+    from mmjax.sharding.rules import ENCODER_MODES
+
+    if mm_encoder_tp_mode not in ENCODER_MODES:
+        raise InputError(f"mm_encoder_tp_mode={mm_encoder_tp_mode!r} is not one of {', '.join(ENCODER_MODES)}")
 
     if compile_cache if compile_cache is not None else cc.enabled_by_env():
         cc.enable()

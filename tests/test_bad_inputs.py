@@ -266,3 +266,8 @@ def test_non_utf8_prompts(model):
 
 def test_nothing_was_written_into_the_model_folder(tiny):
     assert digest(tiny[1]) == tiny[2]
+
+
+def test_load_refuses_an_unknown_encoder_mode(tiny_llava):
+    with pytest.raises(InputError, match="mm_encoder_tp_mode='dat' is not one of weights, data"):
+        mmjax.load(tiny_llava.flax, mm_encoder_tp_mode="dat")
