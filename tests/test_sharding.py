@@ -443,23 +443,22 @@ def _logits(model):
 def _prefill_state(model):
     """The state prefill returns for 2 rows, a 32-token bucket and 16 new tokens (what
     _generate compiles), and the rest of the decode_step arguments."""
-    import jax
     import jax.numpy as jnp
 
     from mmjax.api import _on_mesh
     from mmjax.generation.sampling import SamplingParams
+    from mmjax.generation.state import StepArgs
 
     B, T, M = 2, 32, 16
     batch = _on_mesh(model, {"input_ids": jnp.zeros((B, T), jnp.int32)})
     lens = _on_mesh(model, {"lens": jnp.full((B,), 5, jnp.int32)})["lens"]
-    args = (SamplingParams(0.0, 0, 1.0, 0).arrays(), jnp.full((8,), -1, jnp.int32), jnp.int32(0), jnp.int32(M),
-            jax.random.PRNGKey(0))
-    return model.engine.prefill(model.params, batch, lens, *args, cache_len=T + M, max_new=M, greedy=True), args
+    args = StepArgs.make(SamplingParams(0.0, 0, 1.0, 0), [], 0, M, 8)
+    return model.engine.prefill(model.params, batch, lens, args, cache_len=T + M, token_slots=M, greedy=True), args
 
 
 def _collectives(model):
     state, args = _prefill_state(model)
-    return _count_collectives(model.engine.decode_step.lower(model.params, state, *args, greedy=True).compile()
+    return _count_collectives(model.engine.decode_step.lower(model.params, state, args, greedy=True).compile()
                               .as_text(), model.config.text.hidden_size)
 
 
@@ -480,6 +479,7 @@ def _tower_rows(model, hlo: str) -> int:
     """Images (LLaVA) or patches (Qwen2-VL) that one device's vision tower runs on in a compiled
     program: the rows of LLaVA's hidden states [I, P+1, Dv], of Qwen2-VL's blocks' [P, Dv] matmuls."""
     v = model.config.vision
+    v = getattr(v, "tower", v)  # LLaVA's clip component holds the CLIP tower's config
     if hasattr(v, "num_patches"):
         pattern = rf"f32\[(\d+),{v.num_patches + 1},{v.hidden_size}\]"
     else:
@@ -537,7 +537,7 @@ def _meshes_worker(folders: dict) -> dict:
             r["vision_q_spec"] = str(m.params["vision"]["layers_0"]["attn"]["q"]["kernel"].sharding.spec)
             r["vision_fc1_spec"] = str(m.params["vision"]["layers_0"]["mlp"]["fc1"]["kernel"].sharding.spec)
         if "cache" in extras:
-            r["cache_spec"] = str(_prefill_state(m)[0]["cache"][0]["k"].sharding.spec)
+            r["cache_spec"] = str(_prefill_state(m)[0].cache[0]["k"].sharding.spec)
         if "shards" in extras:
             r["shards"] = {"/".join(k.key for k in path): [
                 list(a.shape), [list(s) for s in sorted({x.data.shape for x in a.addressable_shards})],
