@@ -17,6 +17,7 @@ from mmjax.bucketing import DEFAULT_BUCKETS, Buckets, pick
 from mmjax.errors import InputError, LoadError, MmjaxError, UnknownModelError
 from mmjax.generation.engine import Engine
 from mmjax.generation.sampling import SamplingParams
+from mmjax.kernels.policy import KernelPolicy, with_kernels
 from mmjax.models.base import param_shapes
 from mmjax.sharding import make_mesh, param_shardings, shard_batch, state_shardings, to_host
 from mmjax.tree import flatten_params
@@ -129,6 +130,9 @@ def load(path: str, *, mesh=None, buckets: Buckets | None = None, compile_cache:
         raise
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}/mmjax_config.json: config does not fit {family.name}: {e}") from None
+    cfg = with_kernels(cfg, KernelPolicy.from_env)  # MMJAX_CPU_* read once, here (docs/kernels.md)
+    if mesh is not None:  # a custom call has no sharding rule
+        cfg = with_kernels(cfg, KernelPolicy.without_cpu_custom_calls)
     stored_tree = checkpoint.param_shapes(os.path.join(path, "params"))
     stored = flatten_params(stored_tree)
     dtypes = {np.dtype(s.dtype) for s in stored.values() if jnp.issubdtype(s.dtype, jnp.floating)}

@@ -42,6 +42,7 @@ from mmjax.decoders.llama import LlamaDecoder
 from mmjax.decoders.neox import NeoXConfig, NeoXDecoder
 from mmjax.errors import InputError
 from mmjax.kernels.attention import MaskSpec
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.mlp import MLP
 from mmjax.models.base import merge_at_tokens, prefill_logits
 from mmjax.preprocess.clip_image import CLIPImageProcessor
@@ -99,6 +100,7 @@ class MLPProjectorConfig(ConfigBase):
     out_features: int
     hidden_act: str = "gelu"
     use_bias: bool = True
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     def num_tokens(self, num_features: int) -> int:
         return num_features
@@ -111,7 +113,8 @@ class MLPProjectorComponent(nn.Module):
     @nn.compact
     def __call__(self, x):  # [I, P, Dv] -> [I, P, D]; params mlp/{fc1, fc2} as in LLaVA's projector
         c = self.cfg
-        return MLP(c.in_features, c.out_features, c.hidden_act, c.use_bias, c.out_features, self.dtype, name="mlp")(x)
+        return MLP(c.in_features, c.out_features, c.hidden_act, c.use_bias, c.out_features, self.dtype, c.kernels,
+                   name="mlp")(x)
 
 
 register_component("vision", "vit", ViTConfig, ViT)

@@ -11,7 +11,6 @@ C channels.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 
@@ -22,7 +21,6 @@ import numpy as np
 
 from mmjax.config import ClipVisionConfig, ConfigBase
 from mmjax.errors import InputError
-from mmjax.kernels import cpu_ffi
 from mmjax.layers.linear import Einsum
 from mmjax.layers.norms import LayerNorm
 from mmjax.models.base import param_shapes
@@ -68,8 +66,9 @@ class Clip(nn.Module):
         # own it: LLaVA reads raw hidden states, which never pass through it.
         self.vision_post_norm = LayerNorm(c.vision.layer_norm_eps, self.dtype)
         self.text = ClipText(c.text, self.dtype)
-        self.visual_projection = Einsum((c.vision.hidden_size, E), "ID,DE->IE", None, self.dtype)
-        self.text_projection = Einsum((c.text.hidden_size, E), "BD,DE->BE", None, self.dtype)
+        self.visual_projection = Einsum((c.vision.hidden_size, E), "ID,DE->IE", None, self.dtype,
+                                        kernels=c.vision.kernels)
+        self.text_projection = Einsum((c.text.hidden_size, E), "BD,DE->BE", None, self.dtype, kernels=c.text.kernels)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(2.6592), (), self.dtype)
 
     def image_embeds(self, pixel_values, normalize: bool = True):
@@ -112,12 +111,10 @@ class Clip(nn.Module):
 # ----------------------------------------------------------------------------- encode
 
 
-@functools.partial(jax.jit, static_argnames=("module", "options", "cpu_kernels"))
-def _run(params, batch, *, module, options, cpu_kernels):
-    # Params sharded over a mesh: no CPU custom calls (they have no sharding rule), as in the
-    # generation engine.
-    with contextlib.nullcontext() if cpu_kernels else cpu_ffi.disabled():
-        return module.apply({"params": params}, batch, **dict(options))
+@functools.partial(jax.jit, static_argnames=("module", "options"))
+def _run(params, batch, *, module, options):
+    # On a mesh the module's KernelPolicy has no CPU custom calls (mmjax.load).
+    return module.apply({"params": params}, batch, **dict(options))
 
 
 def encode(model, **inputs) -> dict[str, np.ndarray]:
@@ -148,8 +145,7 @@ def encode(model, **inputs) -> dict[str, np.ndarray]:
     if model.family.check_inputs is not None:
         model.family.check_inputs(model.config, batch)
     arrays = {k: jnp.asarray(v, model.dtype if k == "pixel_values" else jnp.int32) for k, v in batch.items()}
-    out = _run(model.params, arrays, module=module, options=tuple(sorted(options.items())),
-               cpu_kernels=model.mesh is None)
+    out = _run(model.params, arrays, module=module, options=tuple(sorted(options.items())))
     return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -81,7 +81,7 @@ class Llava(nn.Module):
         c = self.cfg
         self.vision = ClipVision(c.vision, max(c.feature_indices), self.dtype)
         self.projector = MLPProjector(c.vision.hidden_size * len(c.feature_indices), c.text.hidden_size,
-                                      c.projector_act, c.projector_bias, self.dtype)
+                                      c.projector_act, c.projector_bias, self.dtype, c.text.kernels)
         self.decoder = LlamaDecoder(c.text, self.dtype)
 
     # --- components -------------------------------------------------------------------------

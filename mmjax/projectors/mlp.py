@@ -4,6 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.mlp import MLP
 
 __all__ = ["MLPProjector"]
@@ -15,8 +16,9 @@ class MLPProjector(nn.Module):
     act: str = "gelu"
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    kernels: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x):  # [B, P, Dv] -> [B, P, D]
         return MLP(self.in_features, self.out_features, self.act, self.use_bias, self.out_features,
-                   self.dtype, name="mlp")(x)
+                   self.dtype, self.kernels, name="mlp")(x)
