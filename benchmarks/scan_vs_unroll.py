@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.config import LlamaConfig
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.decoders.llama import LlamaBlock
 from mmjax.kernels.attention import MaskSpec
 from mmjax.layers.rope import rope_tables
@@ -55,7 +56,7 @@ class Unrolled(nn.Module):
 
 def measure(kind: str, layers: int, hidden: int, S: int = 1088, steps: int = 30):
     cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=2048, num_layers=layers,
-                      num_heads=12, num_kv_heads=4, head_dim=hidden // 12, attention_impl="xla")
+                      num_heads=12, num_kv_heads=4, head_dim=hidden // 12, kernels=KernelPolicy.from_attention_impl("xla"))
     B, K, H = 1, cfg.num_kv_heads, cfg.head_dim
     mod = (Scanned if kind == "scan" else Unrolled)(cfg)
     if kind == "scan":

@@ -20,6 +20,7 @@ from mmjax.generation.engine import Engine
 from mmjax.generation.sampling import SamplingParams
 from mmjax.generation.state import StepArgs
 from mmjax.jsonfile import read_json
+from mmjax.kernels.policy import KernelPolicy, with_kernels
 from mmjax.models.base import param_shapes
 from mmjax.sharding import encoder_input_sharding, make_mesh, param_shardings, shard_batch, state_shardings, to_host
 from mmjax.tree import flatten_params
@@ -100,12 +101,14 @@ def _check_family_spec(path: str, spec) -> None:
 
 
 def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: Buckets | None = None,
-         compile_cache: bool | None = None) -> Model:
+         kernels: KernelPolicy | None = None, compile_cache: bool | None = None) -> Model:
     """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files.
 
     mesh: a jax Mesh or a spec such as "data:2,model:4" (docs/sharding.md); mm_encoder_tp_mode
     "weights" splits the vision tower's weights over `model`, "data" replicates them and splits
     the images instead (vLLM's mm_encoder_tp_mode).
+    kernels: the KernelPolicy for every component (default: the one stored with the config); the
+    MMJAX_CPU_GEMV / MMJAX_CPU_ATTENTION opt-outs apply on top, read here once (docs/kernels.md).
     compile_cache: JAX's persistent compilation cache (default on; MMJAX_COMPILE_CACHE=0 turns it off)."""
     from mmjax import checkpoint, compile_cache as cc
     from mmjax.sharding.rules import ENCODER_MODES
@@ -133,6 +136,12 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
         raise
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}/mmjax_config.json: config does not fit {family.name}: {e}") from None
+    if kernels is not None and not isinstance(kernels, KernelPolicy):
+        raise InputError(f"kernels: a mmjax.kernels.policy.KernelPolicy is needed, got {type(kernels).__name__}")
+    # MMJAX_CPU_* read once, here (docs/kernels.md)
+    cfg = with_kernels(cfg, KernelPolicy.from_env if kernels is None else KernelPolicy.from_env(kernels))
+    if mesh is not None:  # a custom call has no sharding rule
+        cfg = with_kernels(cfg, KernelPolicy.without_cpu_custom_calls)
     stored_tree = checkpoint.param_shapes(os.path.join(path, "params"))
     stored = flatten_params(stored_tree)
     dtypes = {np.dtype(s.dtype) for s in stored.values() if jnp.issubdtype(s.dtype, jnp.floating)}

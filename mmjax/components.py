@@ -22,6 +22,7 @@ import numpy as np
 from mmjax.config import ConfigBase, LlamaConfig
 from mmjax.decoders.llama import LlamaDecoder
 from mmjax.decoders.neox import NeoXConfig, NeoXDecoder
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.mlp import MLP
 from mmjax.projectors.linear import LinearProjector, LinearProjectorConfig
 from mmjax.projectors.pixel_shuffle import PixelShuffleConfig, PixelShuffleProjector
@@ -95,6 +96,7 @@ class MLPProjectorConfig(ConfigBase):
     out_features: int  # D
     hidden_act: str = "gelu"
     use_bias: bool = True
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     def num_tokens(self, num_features):
         return num_features
@@ -107,7 +109,8 @@ class MLPProjector(nn.Module):
     @nn.compact
     def __call__(self, x):  # [.., Dv] -> [.., D]; params mlp/{fc1, fc2} as in LLaVA's projector
         c = self.cfg
-        return MLP(c.in_features, c.out_features, c.hidden_act, c.use_bias, c.out_features, self.dtype, name="mlp")(x)
+        return MLP(c.in_features, c.out_features, c.hidden_act, c.use_bias, c.out_features, self.dtype, c.kernels,
+                   name="mlp")(x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The CPU decode attention kernel (mmjax/kernels/cpu_decode_attention.cc) against
+"""The CPU decode attention kernel (mmjax/kernels/cpu/decode_attention.cc) against
 decode_attention_reference, and the one place that routes to it (kernels/attention.py).
 Tolerance float32 1e-5, as for the other attention kernels (the sums run in another order)."""
 import jax
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from mmjax.kernels import attention as attention_module
-from mmjax.kernels import cpu_decode_attention as cda
-from mmjax.kernels import cpu_ffi
 from mmjax.kernels.attention import MaskSpec, xla_attention
+from mmjax.kernels.cpu import decode_attention as cda
+from mmjax.kernels.cpu import ffi
 from mmjax.kernels.decode_attention import decode_attention_reference
+from mmjax.kernels.policy import KernelPolicy
 
 TOL = 1e-5
 
@@ -24,7 +25,7 @@ def max_err(a, b):
 
 
 def test_builds_here():
-    assert cda.available(), cpu_ffi.error()
+    assert ffi.available(), ffi.error()
 
 
 # Head dims 64/80/128 (the unrolled kernels) and one that is not a multiple of the 16-lane
@@ -64,9 +65,7 @@ def masks(B, S):
 
 
 def lowered(fn, *args):
-    # A fresh function each time: jit caches traces per function, and the kernel is chosen
-    # when tracing (under disabled() or MMJAX_CPU_ATTENTION=0 a cached trace would hide it).
-    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+    return jax.jit(fn).lower(*args).as_text()
 
 
 @pytest.mark.parametrize("name", ["causal", "window", "prefix", "bidirectional", "trivial"])
@@ -74,11 +73,10 @@ def test_attention_routes_decode_steps_here(name):
     B, S, K, G, H = 3, 48, 2, 2, 64
     mask = masks(B, S)[name]
     q, k, v = rand(B, 1, K * G, H, seed=5), rand(B, K, S, H, seed=6), rand(B, K, S, H, seed=7)
-    run = lambda q, k, v, m: attention_module.attention(q, k, v, m, impl="auto", kv_layout="BKSH")
+    run = lambda q, k, v, m: attention_module.attention(q, k, v, m, kv_layout="BKSH")  # the default policy
     assert cda.TARGET in lowered(run, q, k, v, mask)
     out = jax.jit(run)(q, k, v, mask)
-    with cpu_ffi.disabled():
-        ref = jax.jit(lambda q, k, v, m: xla_attention(q, k, v, m, kv_layout="BKSH"))(q, k, v, mask)
+    ref = jax.jit(lambda q, k, v, m: xla_attention(q, k, v, m, kv_layout="BKSH"))(q, k, v, mask)
     assert max_err(out, ref) <= TOL
 
 
@@ -86,7 +84,7 @@ def test_what_stays_on_xla_ops(monkeypatch):
     B, S, K, G, H = 2, 32, 2, 2, 64
     q, k, v = rand(B, 1, K * G, H, seed=8), rand(B, K, S, H, seed=9), rand(B, K, S, H, seed=10)
     mask = MaskSpec(causal=True, q_offset=jnp.array([5, 9]))
-    run = lambda q, k, v, m: attention_module.attention(q, k, v, m, impl="xla", kv_layout="BKSH")
+    run = lambda q, k, v, m: attention_module.attention(q, k, v, m, kv_layout="BKSH")
     assert cda.TARGET not in lowered(run, q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                                      v.astype(jnp.bfloat16), mask)
     q2 = rand(B, 2, K * G, H, seed=11)  # two query tokens
@@ -94,10 +92,13 @@ def test_what_stays_on_xla_ops(monkeypatch):
     seg = MaskSpec(causal=False, q_segment_ids=jnp.zeros((B, 1), jnp.int32),
                    kv_segment_ids=jnp.zeros((B, S), jnp.int32))
     assert cda.TARGET not in lowered(run, q, k, v, seg)
-    with cpu_ffi.disabled():  # what the engine does under a mesh
-        assert cda.TARGET not in lowered(run, q, k, v, mask)
-    monkeypatch.setenv("MMJAX_CPU_ATTENTION", "0")
-    assert cda.TARGET not in lowered(run, q, k, v, mask)
+    mesh = KernelPolicy().without_cpu_custom_calls()  # what mmjax.load does under a mesh
+    with_policy = lambda kernels: lambda q, k, v, m: attention_module.attention(q, k, v, m, kernels=kernels,
+                                                                                kv_layout="BKSH")
+    assert cda.TARGET not in lowered(with_policy(mesh), q, k, v, mask)
+    monkeypatch.setenv("MMJAX_CPU_ATTENTION", "0")  # read by from_env (mmjax.load), not while tracing
+    assert cda.TARGET not in lowered(with_policy(KernelPolicy.from_env()), q, k, v, mask)
+    assert cda.TARGET in lowered(run, q, k, v, mask)
 
 
 def test_under_vmap():
@@ -120,11 +121,11 @@ def test_grad_matches_xla():
     B, S, K, G, H = 2, 30, 2, 2, 64
     q, k, v = rand(B, 1, K * G, H, seed=15), rand(B, K, S, H, seed=16), rand(B, K, S, H, seed=17)
     mask = MaskSpec(causal=True, q_offset=jnp.array([12, 29]))
-    loss = lambda q, k, v: jnp.sum(jnp.sin(attention_module.attention(q, k, v, mask, impl="xla", kv_layout="BKSH")))
-    grad = lambda: jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2)))(q, k, v)
-    assert cda.TARGET in lowered(loss, q, k, v)
-    got = grad()
-    with cpu_ffi.disabled():
-        want = grad()
+    loss = lambda q, k, v, kernels: jnp.sum(jnp.sin(attention_module.attention(q, k, v, mask, kernels=kernels,
+                                                                               kv_layout="BKSH")))
+    grad = lambda kernels: jax.jit(jax.grad(lambda *a: loss(*a, kernels), argnums=(0, 1, 2)))(q, k, v)
+    assert cda.TARGET in lowered(lambda *a: loss(*a, KernelPolicy()), q, k, v)
+    got = grad(KernelPolicy())
+    want = grad(KernelPolicy(attention_cpu="xla"))
     for a, b in zip(got, want):
         assert max_err(a, b) <= TOL

@@ -1,11 +1,13 @@
-"""The CPU decode matmul kernel (mmjax/kernels/cpu_gemv.cc) against its reference, and the
+"""The CPU decode matmul kernel (mmjax/kernels/cpu/gemv.cc) against its reference, and the
 one place that routes products to it (mmjax.layers.linear.Einsum)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.kernels import cpu_ffi, cpu_gemv
+from mmjax.kernels.cpu import ffi
+from mmjax.kernels.cpu import gemv as cpu_gemv
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Einsum, _row_matmul_split
 
 
@@ -15,7 +17,7 @@ def rand(*shape, seed=0):
 
 def test_builds_here():
     # CI must have what the kernel needs; a user without a compiler gets XLA's dot and a warning.
-    assert cpu_gemv.available(), cpu_ffi.error()
+    assert ffi.available(), ffi.error()
 
 
 def check(M, K, N):
@@ -62,9 +64,7 @@ def test_which_einsums_qualify(eqn, x_ndim, flat, expected):
 
 
 def lowered_text(layer, *args):
-    # A fresh function each time: jit caches traces per function, and the choice is made
-    # when tracing.
-    return jax.jit(lambda p, x: layer.apply(p, x)).lower(*args).as_text()
+    return jax.jit(layer.apply).lower(*args).as_text()
 
 
 def test_einsum_routes_decode_rows_only(monkeypatch):
@@ -79,13 +79,14 @@ def test_einsum_routes_decode_rows_only(monkeypatch):
     out = jax.jit(lambda p, x: layer.apply(p, x))(params, eight)
     ref = jnp.einsum("BTD,DNH->BTNH", eight, params["params"]["kernel"], precision=jax.lax.Precision.HIGHEST)
     assert float(jnp.max(jnp.abs(out - ref))) <= 1e-5
-    with cpu_gemv.disabled():  # what the engine does under a mesh
-        assert cpu_gemv.TARGET not in lowered_text(layer, params, one)
-    monkeypatch.setenv("MMJAX_CPU_GEMV", "0")
-    assert cpu_gemv.TARGET not in lowered_text(layer, params, one)
-    xla = jax.jit(lambda p, x: layer.apply(p, x))(params, one)
-    monkeypatch.delenv("MMJAX_CPU_GEMV")
-    kernel = jax.jit(lambda p, x: layer.apply(p, x))(params, one)
+    mesh = layer.clone(kernels=KernelPolicy().without_cpu_custom_calls())  # what mmjax.load does under a mesh
+    assert cpu_gemv.TARGET not in lowered_text(mesh, params, one)
+    monkeypatch.setenv("MMJAX_CPU_GEMV", "0")  # read by from_env (mmjax.load), not while tracing
+    off = layer.clone(kernels=KernelPolicy.from_env())
+    assert cpu_gemv.TARGET not in lowered_text(off, params, one)
+    assert cpu_gemv.TARGET in lowered_text(layer, params, one)
+    xla = jax.jit(off.apply)(params, one)
+    kernel = jax.jit(layer.apply)(params, one)
     assert kernel.shape == (1, 1, 4, 16)
     assert float(jnp.max(jnp.abs(kernel - xla))) <= 1e-5
 
@@ -113,12 +114,11 @@ def test_grad_matches_xla():
     layer = Einsum((64, 4, 16), "BTD,DNH->BTNH", (4, 16))
     x = rand(3, 1, 64, seed=10)
     params = layer.init(jax.random.PRNGKey(2), x)
-    loss = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))
-    grad = lambda: jax.jit(jax.grad(lambda p, x: loss(p, x), argnums=(0, 1)))(params, x)
-    assert cpu_gemv.TARGET in jax.jit(lambda p, x: loss(p, x)).lower(params, x).as_text()
-    (gp, gx) = grad()
-    with cpu_ffi.disabled():
-        (rp, rx) = grad()
+    loss = lambda layer: lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))
+    grad = lambda layer: jax.jit(jax.grad(loss(layer), argnums=(0, 1)))(params, x)
+    assert cpu_gemv.TARGET in jax.jit(loss(layer)).lower(params, x).as_text()
+    (gp, gx) = grad(layer)
+    (rp, rx) = grad(layer.clone(kernels=KernelPolicy(matmul_cpu="xla")))
     assert float(jnp.max(jnp.abs(gx - rx))) <= 1e-5
     for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(rp)):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-5

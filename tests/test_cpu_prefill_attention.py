@@ -1,4 +1,4 @@
-"""The CPU prefill attention kernel (mmjax/kernels/cpu_prefill_attention.cc) against
+"""The CPU prefill attention kernel (mmjax/kernels/cpu/prefill_attention.cc) against
 attention_reference for every mask kind a prompt uses, and the one place that routes to it
 (kernels/attention.py). Tolerance float32 1e-5, as for the other attention kernels."""
 import jax
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from mmjax.kernels import attention as attention_module
-from mmjax.kernels import cpu_ffi
-from mmjax.kernels import cpu_prefill_attention as cpa
 from mmjax.kernels.attention import MaskSpec, query_ranges, xla_attention
+from mmjax.kernels.cpu import ffi
+from mmjax.kernels.cpu import prefill_attention as cpa
 from mmjax.kernels.flash_attention import attention_reference, make_mask
+from mmjax.kernels.policy import KernelPolicy
 
 TOL = 1e-5
 
@@ -24,7 +25,7 @@ def max_err(a, b):
 
 
 def test_builds_here():
-    assert cpa.available(), cpu_ffi.error()
+    assert ffi.available(), ffi.error()
 
 
 def masks(B, T, S):
@@ -60,31 +61,32 @@ def test_matches_reference(name, B, T, S, N, K, H):
 
 
 def lowered(fn, *args):
-    # A fresh function each time: jit caches traces per function, and the kernel is chosen
-    # when tracing (under disabled() or MMJAX_CPU_ATTENTION=0 a cached trace would hide it).
-    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+    return jax.jit(fn).lower(*args).as_text()
 
 
 def test_attention_routes_prompts_here(monkeypatch):
     B, T, N, K, H = 2, 24, 4, 2, 64
     q, k, v = rand(B, T, N, H, seed=4), rand(B, T, K, H, seed=5), rand(B, T, K, H, seed=6)
     mask = MaskSpec(causal=True, kv_lengths=jnp.array([24, 10]))
-    run = lambda q, k, v, m: attention_module.attention(q, k, v, m, impl="auto")
+    run = lambda q, k, v, m: attention_module.attention(q, k, v, m)  # the default KernelPolicy
     assert cpa.TARGET in lowered(run, q, k, v, mask)
     out = jax.jit(run)(q, k, v, mask)
     ref = jax.jit(lambda q, k, v, m: xla_attention(q, k, v, m))(q, k, v, mask)
     assert max_err(out, ref) <= TOL
-    # what stays on XLA's ops: bf16, head dims not a multiple of 16, segments, disabled()
+    # what stays on XLA's ops: bf16, head dims not a multiple of 16, segments, a policy without it
     bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
     assert cpa.TARGET not in lowered(run, *bf, mask)
     q8, k8, v8 = rand(B, T, N, 8, seed=7), rand(B, T, K, 8, seed=8), rand(B, T, K, 8, seed=9)
     assert cpa.TARGET not in lowered(run, q8, k8, v8, mask)
     seg = MaskSpec(causal=False, q_segment_ids=jnp.zeros((B, T), jnp.int32))
     assert cpa.TARGET not in lowered(run, q, k, v, seg)
-    with cpu_ffi.disabled():
-        assert cpa.TARGET not in lowered(run, q, k, v, mask)
-    monkeypatch.setenv("MMJAX_CPU_ATTENTION", "0")
-    assert cpa.TARGET not in lowered(run, q, k, v, mask)
+    mesh = KernelPolicy().without_cpu_custom_calls()  # what mmjax.load does under a mesh
+    assert cpa.TARGET not in lowered(lambda *a: attention_module.attention(*a, kernels=mesh), q, k, v, mask)
+    monkeypatch.setenv("MMJAX_CPU_ATTENTION", "0")  # read by from_env (mmjax.load), not while tracing
+    off = KernelPolicy.from_env()
+    assert off.attention_cpu == "xla"
+    assert cpa.TARGET not in lowered(lambda *a: attention_module.attention(*a, kernels=off), q, k, v, mask)
+    assert cpa.TARGET in lowered(run, q, k, v, mask)
 
 
 def test_rejects_what_it_cannot_do():
@@ -113,11 +115,10 @@ def test_grad_matches_xla():
     B, T, N, K, H = 2, 21, 4, 2, 64
     q, k, v = rand(B, T, N, H, seed=20), rand(B, T, K, H, seed=21), rand(B, T, K, H, seed=22)
     mask = MaskSpec(causal=True, kv_lengths=jnp.array([21, 9]))
-    loss = lambda q, k, v: jnp.sum(jnp.sin(attention_module.attention(q, k, v, mask, impl="xla")))
-    grad = lambda: jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2)))(q, k, v)
-    assert cpa.TARGET in lowered(loss, q, k, v)
-    got = grad()
-    with cpu_ffi.disabled():
-        want = grad()
+    loss = lambda q, k, v, kernels: jnp.sum(jnp.sin(attention_module.attention(q, k, v, mask, kernels=kernels)))
+    grad = lambda kernels: jax.jit(jax.grad(lambda *a: loss(*a, kernels), argnums=(0, 1, 2)))(q, k, v)
+    assert cpa.TARGET in lowered(lambda *a: loss(*a, KernelPolicy()), q, k, v)
+    got = grad(KernelPolicy())
+    want = grad(KernelPolicy(attention_cpu="xla"))
     for a, b in zip(got, want):
         assert max_err(a, b) <= TOL

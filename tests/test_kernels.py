@@ -1,11 +1,12 @@
 """Attention kernels against their references.
 
-The Pallas kernels run with interpret=True on CPU, so every case is tiny (T, S <= 96,
-B <= 2, N <= 4) and block sizes are 16/32 so that several key/query blocks, partial last
-blocks and skipped blocks all occur. Tolerances (max |kernel - reference|):
+The Pallas kernel tests live in TestPallasKernels, which runs them with interpret=True
+(INTERPRET, one class attribute, as JAX's own Pallas tests do); TestPallasKernelsCompiled
+reruns the same tests compiled through Triton where a GPU is present. Interpreted on CPU every
+case is tiny (T, S <= 96, B <= 2, N <= 4) and block sizes are 16/32 so that several key/query
+blocks, partial last blocks and skipped blocks all occur. Tolerances (max |kernel - reference|):
 float32 1e-5, bfloat16 2e-2; the XLA path against HF eager attention: 1e-6 (float32).
 """
-import contextlib
 import math
 from types import SimpleNamespace
 
@@ -16,13 +17,14 @@ import pytest
 
 from mmjax.errors import InputError
 from mmjax.kernels import attention as attention_module
-from mmjax.kernels import cpu_ffi
-from mmjax.kernels.attention import decode_range, resolve_impl, xla_attention
+from mmjax.kernels.attention import decode_range, xla_attention
 from mmjax.kernels.decode_attention import decode_attention, decode_attention_reference
 from mmjax.kernels.flash_attention import BlockSizes, MaskSpec, attention_reference, flash_attention
+from mmjax.kernels.policy import KernelPolicy
 
 # Models call attention() under their own jit; so do the tests (eager op-by-op is slow).
-attention = jax.jit(attention_module.attention, static_argnames=("impl", "scale"))
+attention = jax.jit(attention_module.attention, static_argnames=("kernels", "scale", "kv_layout"))
+XLA = KernelPolicy(attention_cpu="xla", attention_gpu="xla", attention_tpu="xla")  # XLA's ops everywhere
 make_mask = jax.jit(attention_module.make_mask, static_argnums=(1, 2))
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SMALL = BlockSizes(block_q=16, block_k=32)
@@ -82,47 +84,6 @@ FLASH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,groups,head_dim", FLASH_CASES)
-def test_flash_matches_reference_fp32(name, groups, head_dim):
-    T, S, factory = MASKS[name]
-    q, k, v = qkv(2, T, S, *heads(groups), head_dim)
-    mask = factory(2, T, S)
-    out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=True)
-    ref = attention_reference(q, k, v, mask)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert max_err(out, ref) <= TOL[jnp.float32]
-
-
-@pytest.mark.parametrize("name,groups,head_dim", [("causal_offset", 4, 128), ("segments", 2, 64)])
-def test_flash_matches_reference_bf16(name, groups, head_dim):
-    T, S, factory = MASKS[name]
-    q, k, v = qkv(2, T, S, *heads(groups), head_dim, jnp.bfloat16, seed=1)
-    mask = factory(2, T, S)
-    out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=True)
-    assert out.dtype == jnp.bfloat16
-    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.bfloat16]
-
-
-def test_flash_default_blocks_and_scale():
-    q, k, v = qkv(1, 90, 90, 2, 1, 64, seed=2)
-    mask = MaskSpec(causal=True, sliding_window=30)
-    out = flash_attention(q, k, v, mask=mask, scale=0.3, interpret=True)
-    assert max_err(out, attention_reference(q, k, v, mask, scale=0.3)) <= TOL[jnp.float32]
-
-
-def test_flash_fully_masked_rows_are_zero():
-    # Row 0: the last 8 queries are padding (segment -1). Row 1: no key at all (kv_length 0).
-    q, k, v = qkv(2, 40, 40, 2, 2, 64, seed=3)
-    seg = jnp.zeros((2, 40), jnp.int32).at[0, 32:].set(-1)
-    mask = MaskSpec(causal=False, kv_lengths=jnp.array([40, 0]), q_segment_ids=seg)
-    out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=True)
-    assert not bool(jnp.isnan(out).any())
-    assert float(jnp.abs(out[0, 32:]).max()) == 0.0 and float(jnp.abs(out[1]).max()) == 0.0
-    assert float(jnp.abs(out[0, :32]).max()) > 0.1
-    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
-    assert max_err(xla_attention(q, k, v, mask), out) <= TOL[jnp.float32]
-
-
 # (B, T, S, G, H, kv_lengths, kv_starts, block_k, splits, dtype)
 DECODE_CASES = [
     (2, 1, 70, 1, 64, [70, 33], None, 16, 3, jnp.float32),  # S and a length not block multiples
@@ -132,37 +93,89 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("B,T,S,G,H,lengths,starts,block_k,splits,dtype", DECODE_CASES)
-def test_decode_matches_reference(B, T, S, G, H, lengths, starts, block_k, splits, dtype):
-    q, k, v = qkv(B, T, S, *heads(G), H, dtype, seed=4)
-    lengths = jnp.array(lengths, jnp.int32)
-    starts = None if starts is None else jnp.array(starts, jnp.int32)
-    out = decode_attention(q, k, v, lengths, kv_starts=starts, block_k=block_k, num_splits=splits, interpret=True)
-    ref = decode_attention_reference(q, k, v, lengths, kv_starts=starts)
-    assert out.shape == q.shape and out.dtype == dtype and not bool(jnp.isnan(out).any())
-    assert max_err(out, ref) <= TOL[dtype]
-    for b, n in enumerate(lengths.tolist()):
-        if n == 0:
-            assert float(jnp.abs(out[b]).max()) == 0.0
+class TestPallasKernels:
+    """The Triton kernels against their references. INTERPRET = True runs them anywhere (CPU);
+    TestPallasKernelsCompiled runs the same tests compiled, on a GPU."""
+
+    INTERPRET = True
+
+    @property
+    def pallas(self) -> KernelPolicy:
+        """attention()'s policy for these kernels: interpreted on CPU, or compiled on a GPU."""
+        return KernelPolicy(attention_cpu="pallas") if self.INTERPRET else KernelPolicy(attention_gpu="pallas")
+
+    @pytest.mark.parametrize("name,groups,head_dim", FLASH_CASES)
+    def test_flash_matches_reference_fp32(self, name, groups, head_dim):
+        T, S, factory = MASKS[name]
+        q, k, v = qkv(2, T, S, *heads(groups), head_dim)
+        mask = factory(2, T, S)
+        out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=self.INTERPRET)
+        ref = attention_reference(q, k, v, mask)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert max_err(out, ref) <= TOL[jnp.float32]
+
+    @pytest.mark.parametrize("name,groups,head_dim", [("causal_offset", 4, 128), ("segments", 2, 64)])
+    def test_flash_matches_reference_bf16(self, name, groups, head_dim):
+        T, S, factory = MASKS[name]
+        q, k, v = qkv(2, T, S, *heads(groups), head_dim, jnp.bfloat16, seed=1)
+        mask = factory(2, T, S)
+        out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=self.INTERPRET)
+        assert out.dtype == jnp.bfloat16
+        assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.bfloat16]
+
+    def test_flash_default_blocks_and_scale(self):
+        q, k, v = qkv(1, 90, 90, 2, 1, 64, seed=2)
+        mask = MaskSpec(causal=True, sliding_window=30)
+        out = flash_attention(q, k, v, mask=mask, scale=0.3, interpret=self.INTERPRET)
+        assert max_err(out, attention_reference(q, k, v, mask, scale=0.3)) <= TOL[jnp.float32]
+
+    def test_flash_fully_masked_rows_are_zero(self):
+        # Row 0: the last 8 queries are padding (segment -1). Row 1: no key at all (kv_length 0).
+        q, k, v = qkv(2, 40, 40, 2, 2, 64, seed=3)
+        seg = jnp.zeros((2, 40), jnp.int32).at[0, 32:].set(-1)
+        mask = MaskSpec(causal=False, kv_lengths=jnp.array([40, 0]), q_segment_ids=seg)
+        out = flash_attention(q, k, v, mask=mask, block_sizes=SMALL, interpret=self.INTERPRET)
+        assert not bool(jnp.isnan(out).any())
+        assert float(jnp.abs(out[0, 32:]).max()) == 0.0 and float(jnp.abs(out[1]).max()) == 0.0
+        assert float(jnp.abs(out[0, :32]).max()) > 0.1
+        assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
+        assert max_err(xla_attention(q, k, v, mask), out) <= TOL[jnp.float32]
+
+    @pytest.mark.parametrize("B,T,S,G,H,lengths,starts,block_k,splits,dtype", DECODE_CASES)
+    def test_decode_matches_reference(self, B, T, S, G, H, lengths, starts, block_k, splits, dtype):
+        q, k, v = qkv(B, T, S, *heads(G), H, dtype, seed=4)
+        lengths = jnp.array(lengths, jnp.int32)
+        starts = None if starts is None else jnp.array(starts, jnp.int32)
+        out = decode_attention(q, k, v, lengths, kv_starts=starts, block_k=block_k, num_splits=splits,
+                               interpret=self.INTERPRET)
+        ref = decode_attention_reference(q, k, v, lengths, kv_starts=starts)
+        assert out.shape == q.shape and out.dtype == dtype and not bool(jnp.isnan(out).any())
+        assert max_err(out, ref) <= TOL[dtype]
+        for b, n in enumerate(lengths.tolist()):
+            if n == 0:
+                assert float(jnp.abs(out[b]).max()) == 0.0
+
+    @pytest.mark.parametrize("mask", [
+        MaskSpec(causal=True, q_offset=jnp.array([37, 5]), kv_lengths=jnp.array([38, 6])),
+        MaskSpec(causal=True, q_offset=jnp.array([50, 9]), prefix_lengths=jnp.array([20, 30]), sliding_window=16),
+        MaskSpec(causal=False, q_offset=jnp.array([30, 2]), sliding_window=8),
+    ], ids=["cache", "prefix_window", "bidir_window"])
+    def test_pallas_dispatch_single_query(self, mask):
+        """attention(kernels=self.pallas) with T == 1 goes through decode_range + decode_attention."""
+        q, k, v = qkv(2, 1, 64, 4, 2, 64, seed=5)
+        out = attention(q, k, v, mask, kernels=self.pallas)
+        assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
+
+    def test_pallas_dispatch_prefill(self):
+        q, k, v = qkv(1, 20, 20, 4, 2, 64, seed=6)
+        mask = MaskSpec(causal=True, kv_lengths=jnp.array([17]))
+        out = attention(q, k, v, mask, kernels=self.pallas)
+        assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
 
 
-@pytest.mark.parametrize("mask", [
-    MaskSpec(causal=True, q_offset=jnp.array([37, 5]), kv_lengths=jnp.array([38, 6])),
-    MaskSpec(causal=True, q_offset=jnp.array([50, 9]), prefix_lengths=jnp.array([20, 30]), sliding_window=16),
-    MaskSpec(causal=False, q_offset=jnp.array([30, 2]), sliding_window=8),
-], ids=["cache", "prefix_window", "bidir_window"])
-def test_pallas_dispatch_single_query(mask):
-    """attention(impl="pallas") with T == 1 goes through decode_range + decode_attention."""
-    q, k, v = qkv(2, 1, 64, 4, 2, 64, seed=5)
-    out = attention(q, k, v, mask, impl="pallas")
-    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
-
-
-def test_pallas_dispatch_prefill():
-    q, k, v = qkv(1, 20, 20, 4, 2, 64, seed=6)
-    mask = MaskSpec(causal=True, kv_lengths=jnp.array([17]))
-    out = attention(q, k, v, mask, impl="pallas")
-    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Triton kernels need a GPU")
+class TestPallasKernelsCompiled(TestPallasKernels):
+    INTERPRET = False
 
 
 @pytest.mark.parametrize("name", sorted(MASKS))
@@ -171,15 +184,15 @@ def test_xla_path_matches_reference(name, dtype):
     T, S, factory = MASKS[name]
     q, k, v = qkv(2, T, S, 4, 2, 64, dtype, seed=7)
     mask = factory(2, T, S)
-    out = attention(q, k, v, mask, impl="xla")
+    out = attention(q, k, v, mask, kernels=XLA)
     assert out.dtype == dtype
     assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[dtype]
 
 
 # The cache path ("BKSH", one query) computes probs @ V as a multiply + reduce instead of a
 # dot (mmjax/kernels/attention.py); it must agree with the reference like the dot path does.
-# In float32 on CPU it goes through the cpu_decode_attention kernel unless CPU kernels are off
-# (as under a mesh): both ways are checked.
+# In float32 on CPU the default policy sends it to the cpu.decode_attention kernel; without CPU
+# custom calls (as under a mesh) it stays on XLA's ops: both ways are checked.
 @pytest.mark.parametrize("cpu_kernels", [True, False])
 @pytest.mark.parametrize("B,G,trivial", [(1, 1, False), (3, 3, False), (2, 2, True)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -188,13 +201,11 @@ def test_xla_cache_path_single_query(B, G, trivial, dtype, cpu_kernels):
     q, k, v = qkv(B, 1, S, K * G, K, H, dtype, seed=11)
     lengths = jnp.array([70, 33, 1][:B])
     mask = MaskSpec() if trivial else MaskSpec(causal=True, kv_lengths=lengths, q_offset=lengths - 1)
-    # A fresh function per case: the path is chosen when tracing.
-    cache_attention = jax.jit(lambda *a: attention_module.attention(*a, impl="xla", kv_layout="BKSH"))
-    with contextlib.nullcontext() if cpu_kernels else cpu_ffi.disabled():
-        out = cache_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
+    kernels = KernelPolicy() if cpu_kernels else KernelPolicy().without_cpu_custom_calls()
+    out = attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, kernels=kernels, kv_layout="BKSH")
     assert out.dtype == dtype and out.shape == q.shape
     assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[dtype]
-    assert max_err(out, attention(q, k, v, mask, impl="xla")) <= TOL[dtype]  # = the BSKH dot path
+    assert max_err(out, attention(q, k, v, mask, kernels=XLA)) <= TOL[dtype]  # = the BSKH dot path
 
 
 def test_xla_path_matches_hf_eager():
@@ -209,7 +220,7 @@ def test_xla_path_matches_hf_eager():
     to_t = lambda x: torch.from_numpy(np.array(x)).transpose(1, 2)  # [B, heads, len, H]
     module = SimpleNamespace(num_key_value_groups=N // K, training=False)
     hf, _ = eager_attention_forward(module, to_t(q), to_t(k), to_t(v), additive, scaling=1 / math.sqrt(H))
-    ours = attention(q, k, v, mask, impl="xla")
+    ours = attention(q, k, v, mask, kernels=XLA)
     assert np.max(np.abs(np.asarray(ours) - hf.numpy())) <= 1e-6
 
 
@@ -258,14 +269,17 @@ def test_mask_spec_is_a_pytree_with_static_flags():
 def test_errors_name_the_thing():
     q, k, v = qkv(1, 8, 8, 3, 2, 64)
     with pytest.raises(InputError, match="num_heads=3 must be a multiple of num_kv_heads=2"):
-        attention(q, k, v, MaskSpec(), impl="xla")
+        attention(q, k, v, MaskSpec(), kernels=XLA)
     q, k, v = qkv(1, 8, 8, 2, 2, 64)
     with pytest.raises(InputError, match="head_dim=32 of q"):
         flash_attention(q[..., :32], k, v, mask=MaskSpec(), interpret=True)
     with pytest.raises(InputError, match=r"MaskSpec.kv_lengths: expected shape \(1,\)"):
         flash_attention(q, k, v, mask=MaskSpec(kv_lengths=jnp.array([1, 2])), interpret=True)
+    with pytest.raises(InputError, match=r"MaskSpec.kv_lengths: expected shape \(1,\)"):
+        attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), MaskSpec(kv_lengths=jnp.array([1, 2])), kv_layout="BKSH")
     with pytest.raises(InputError, match="block_q=24 must be a power of two"):
         BlockSizes(block_q=24)
-    with pytest.raises(InputError, match="impl='triton'"):
-        resolve_impl("triton")
-    assert resolve_impl("auto", "cpu") == "xla" and resolve_impl("auto", "gpu") == "pallas"
+    with pytest.raises(ValueError, match="KernelPolicy.attention_gpu='triton' is not one of pallas, xla"):
+        KernelPolicy(attention_gpu="triton")
+    with pytest.raises(InputError, match="kernels='xla' is not a KernelPolicy"):
+        attention(q, k, v, MaskSpec(), kernels="xla")

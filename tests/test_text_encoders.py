@@ -234,17 +234,18 @@ def test_encode_rejects_bad_inputs(bert_pair, clip_pair):
 
 
 def test_encode_keeps_cpu_kernels_off_under_a_mesh(clip_pair):
-    # encode() traces with the CPU custom calls only when the model has no mesh (they have no
-    # sharding rule); both ways give the same numbers.
+    # A model loaded with a mesh has a KernelPolicy without the CPU custom calls (they have no
+    # sharding rule; mmjax.load applies it); both ways give the same numbers.
+    from mmjax.kernels.policy import KernelPolicy, with_kernels
     from mmjax.encode import _run
 
     _, model = clip_pair
     ids, mask = _text_batch()
     arrays = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask, jnp.int32)}
-    kw = dict(module=model.module, options=())
-    on = _run.lower(model.params, arrays, cpu_kernels=True, **kw).as_text()
-    off = _run.lower(model.params, arrays, cpu_kernels=False, **kw).as_text()
+    mesh_module = model.module.clone(cfg=with_kernels(model.module.cfg, KernelPolicy.without_cpu_custom_calls))
+    on = _run.lower(model.params, arrays, module=model.module, options=()).as_text()
+    off = _run.lower(model.params, arrays, module=mesh_module, options=()).as_text()
     assert "mmjax_" in on and "mmjax_" not in off
-    a = _run(model.params, arrays, cpu_kernels=True, **kw)["text_embeds"]
-    b = _run(model.params, arrays, cpu_kernels=False, **kw)["text_embeds"]
+    a = _run(model.params, arrays, module=model.module, options=())["text_embeds"]
+    b = _run(model.params, arrays, module=mesh_module, options=())["text_embeds"]
     assert _max_diff(a, b) <= 1e-6

@@ -32,11 +32,11 @@ class LlamaBlock(nn.Module):
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(x)
         a, new_cache = Attention(
             c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias, c.o_bias,
-            c.attention_impl, self.dtype, name="attn",
+            c.kernels, self.dtype, name="attn",
         )(h, mask, rope, cache, write_index)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_norm")(x)
-        x = x + GatedMLP(c.hidden_size, c.intermediate_size, "silu", c.mlp_bias, self.dtype, name="mlp")(h)
+        x = x + GatedMLP(c.hidden_size, c.intermediate_size, "silu", c.mlp_bias, self.dtype, c.kernels, name="mlp")(h)
         return x, new_cache
 
 
@@ -50,7 +50,7 @@ class LlamaDecoder(nn.Module):
         self.layers = [LlamaBlock(c, self.dtype) for _ in range(c.num_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps, self.dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = Einsum((c.hidden_size, c.vocab_size), "BTD,DV->BTV", None, self.dtype)
+            self.lm_head = Einsum((c.hidden_size, c.vocab_size), "BTD,DV->BTV", None, self.dtype, kernels=c.kernels)
 
     def embed_tokens(self, ids):  # [B, T] -> [B, T, D]
         return self.embed(ids)
@@ -59,7 +59,7 @@ class LlamaDecoder(nn.Module):
         """x [B, T, D] embeddings; positions [B, T] (or [3, B, T] for M-RoPE);
         cache: list of per-layer {"k","v": [B, S, K, H]} or None. -> (hidden [B, T, D], cache)."""
         c = self.cfg
-        rope = rope_tables(positions, c.rope, c.head_dim, self.dtype, c.mrope_section)
+        rope = rope_tables(positions, c.rope, c.head_dim, self.dtype, c.mrope_section, kernels=c.kernels)
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, lc = layer(x, mask, rope, None if cache is None else cache[i], write_index)

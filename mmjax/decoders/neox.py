@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from mmjax.config import ConfigBase, RopeConfig
 from mmjax.kernels.attention import MaskSpec
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.attention import Attention
 from mmjax.layers.linear import Einsum, Embed
 from mmjax.layers.mlp import MLP
@@ -53,7 +54,7 @@ class NeoXConfig(ConfigBase):
     mlp_bias: bool = True
     tie_word_embeddings: bool = False
     lm_head_bias: bool = False
-    attention_impl: str = "auto"
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     def __post_init__(self):
         if self.position not in ("rotary", "learned"):
@@ -108,8 +109,9 @@ class NeoXBlock(nn.Module):
         norm1 = make_norm(c.norm, c.layer_norm_eps, self.dtype, name="norm1")
         norm2 = make_norm(c.norm, c.layer_norm_eps, self.dtype, name="norm2")
         attn = Attention(c.hidden_size, c.num_heads, c.kv_heads, c.dim_per_head, c.qkv_bias, c.o_bias,
-                         c.attention_impl, self.dtype, name="attn")
-        mlp = MLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, None, self.dtype, name="mlp")
+                         c.kernels, self.dtype, name="attn")
+        mlp = MLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, None, self.dtype, c.kernels,
+                  name="mlp")
         a, new_cache = attn(norm1(x), mask, rope, cache, write_index)
         if c.parallel_residual:
             # Both branches read the block input; summing them before the residual is GPT-NeoX's order.
@@ -131,7 +133,7 @@ class NeoXDecoder(nn.Module):
         self.final_norm = make_norm(c.norm, c.layer_norm_eps, self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = Einsum((c.hidden_size, c.vocab_size), "BTD,DV->BTV",
-                                  (c.vocab_size,) if c.lm_head_bias else None, self.dtype)
+                                  (c.vocab_size,) if c.lm_head_bias else None, self.dtype, kernels=c.kernels)
 
     def embed_tokens(self, ids):  # [B, T] -> [B, T, D]
         return self.embed(ids)
@@ -145,7 +147,7 @@ class NeoXDecoder(nn.Module):
         if c.position == "learned":
             x = x + self.pos_embed(positions)
         else:
-            rope = rope_tables(positions, c.rope, c.dim_per_head, self.dtype)
+            rope = rope_tables(positions, c.rope, c.dim_per_head, self.dtype, kernels=c.kernels)
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, lc = layer(x, mask, rope, None if cache is None else cache[i], write_index)

@@ -25,20 +25,11 @@ import numpy as np
 
 from mmjax.generation.sampling import select_token
 from mmjax.generation.state import DecodeState, StepArgs
-from mmjax.kernels import cpu_ffi
 from mmjax.kernels.attention import MaskSpec
 
 __all__ = ["Engine", "RunResult"]
 
 SYNC_EVERY = 8  # decode steps between host checks for "every row is done"
-
-
-def _without_cpu_kernels(f):
-    @functools.wraps(f)
-    def traced(*args, **kwargs):
-        with cpu_ffi.disabled():
-            return f(*args, **kwargs)
-    return traced
 
 
 def _gather_last(h, lengths):  # h [B, T, D], lengths [B] -> [B, 1, D]
@@ -66,11 +57,11 @@ class Engine:
         self.module = module
         self.state_sharding = state_sharding
         self.encoder_sharding = encoder_sharding  # images' shape -> layout (mmjax.sharding.encoder_input_sharding)
-        # A custom call has no sharding rule: programs partitioned over a mesh keep XLA's dot.
-        trace = _without_cpu_kernels if state_sharding is not None else (lambda f: f)
-        self.prefill = jax.jit(trace(self._prefill), static_argnames=("cache_len", "token_slots", "greedy"))
-        self.decode_step = jax.jit(trace(self._decode_step), static_argnames=("greedy",), donate_argnums=(1,))
-        self.forward = jax.jit(trace(self._forward))
+        # With a mesh the module's KernelPolicy has no CPU custom calls (a custom call has no
+        # sharding rule): mmjax.load builds it with KernelPolicy.without_cpu_custom_calls.
+        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "token_slots", "greedy"))
+        self.decode_step = jax.jit(self._decode_step, static_argnames=("greedy",), donate_argnums=(1,))
+        self.forward = jax.jit(self._forward)
 
     # --- pure functions ---------------------------------------------------------------------
     def _forward(self, params, batch):

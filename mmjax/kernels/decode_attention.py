@@ -23,7 +23,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mmjax.errors import InputError
-from mmjax.kernels.flash_attention import LOG2_E, MIN_TILE, NEG_INF, check_qkv, load_rows
+from mmjax.kernels.flash_attention import LOG2_E, MIN_TILE, check_qkv, load_rows
+from mmjax.kernels.mask import NEG_INF
+from mmjax.kernels.reference import softmax_attention
 
 # Enough programs to fill an H100/H200 (132 SMs) about twice over.
 TARGET_PROGRAMS = 264
@@ -33,23 +35,11 @@ TARGET_PROGRAMS = 264
 def decode_attention_reference(q, k, v, kv_lengths, *, kv_starts=None, scale=None):
     """float32 jnp reference: every query of row b sees keys kv_starts[b] <= s < kv_lengths[b].
     q [B, T, N, H], k/v [B, S, K, H], kv_lengths [B] -> [B, T, N, H] in q's dtype."""
-    batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    qg = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    hi = lax.Precision.HIGHEST
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision=hi) * scale
-    kpos = jnp.arange(kv_len)[None, :]
+    kpos = jnp.arange(k.shape[1])[None, :]
     ok = kpos < jnp.asarray(kv_lengths)[:, None]  # [B, S]
     if kv_starts is not None:
         ok = ok & (kpos >= jnp.asarray(kv_starts)[:, None])
-    logits = jnp.where(ok[:, None, None, None, :], logits, NEG_INF)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(logits - jnp.where(m == NEG_INF, 0.0, m))
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    probs = e / jnp.where(total == 0.0, 1.0, total)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32), precision=hi)
-    return out.reshape(q.shape).astype(q.dtype)
+    return softmax_attention(q, k, v, ok[:, None, None, None, :], scale, exact=True)
 
 
 def _decode_kernel(

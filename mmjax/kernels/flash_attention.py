@@ -13,7 +13,8 @@ running sum `l` and an unnormalised accumulator.
 The kernel is written against the Triton lowering of `pl.pallas_call` (the tile sizes it
 loads are powers of two >= 16, the head dim is padded through the BlockSpec and masked on
 load, never copied) and runs anywhere with `interpret=True`, which is how the tests run it
-on CPU.
+on CPU. Which keys a query sees is a MaskSpec (mmjax/kernels/mask.py); the kernel body reads
+it through the same `visible` predicate as the reference.
 """
 from __future__ import annotations
 
@@ -28,141 +29,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mmjax.errors import InputError
+from mmjax.kernels.mask import NEG_INF, MaskSpec, make_mask, visible
+from mmjax.kernels.reference import softmax_attention
 
 # exp(x) = exp2(x * log2(e)): exp2 is the cheaper instruction on GPUs.
 LOG2_E = math.log2(math.e)
-NEG_INF = float("-inf")
 MIN_TILE = 16  # smallest tile Triton's tl.dot accepts on each side
-
-
-# ----------------------------------------------------------------------------- mask spec
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["q_offset", "kv_lengths", "prefix_lengths", "q_segment_ids", "kv_segment_ids"],
-    meta_fields=["causal", "sliding_window"],
-)
-@dataclasses.dataclass(frozen=True)
-class MaskSpec:
-    """Which keys each query may attend to, described by data instead of a [T, S] matrix.
-
-    Query t of row b sits at absolute position `q_offset[b] + t`; key s sits at position s
-    (keys are the KV cache, 0..S-1). Key s is visible to query t iff all of these hold:
-      * `s < kv_lengths[b]`                                  (key padding / cache fill)
-      * causal: `s <= pos` and, with a window, `pos - s < sliding_window`; OR, with a
-        prefix, `s < prefix_lengths[b]` while `pos < prefix_lengths[b]` (prefix-LM: the
-        prefix attends bidirectionally within itself, later queries are causal)
-      * not causal (bidirectional), with a window: `|pos - s| < sliding_window`
-      * segments: `q_segment_ids[b, t] == kv_segment_ids[b, s]` and the id is >= 0; a
-        negative id marks padding (packed sequences, Qwen2.5-VL window attention).
-        `kv_segment_ids=None` reuses `q_segment_ids` (self-attention, needs T == S).
-    A query row that sees no key at all gets output 0 (never NaN).
-
-    Arrays are pytree leaves (traced under jit); `causal` and `sliding_window` are static.
-    """
-
-    causal: bool = True
-    q_offset: jax.Array | None = None  # [B] int32, default 0
-    kv_lengths: jax.Array | None = None  # [B] int32, default S
-    prefix_lengths: jax.Array | None = None  # [B] int32, used only when causal
-    sliding_window: int | None = None
-    q_segment_ids: jax.Array | None = None  # [B, T] int32
-    kv_segment_ids: jax.Array | None = None  # [B, S] int32
-
-    def __post_init__(self):
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise InputError(f"MaskSpec: sliding_window={self.sliding_window} must be >= 1 or None")
-        if self.kv_segment_ids is not None and self.q_segment_ids is None:
-            raise InputError("MaskSpec: kv_segment_ids given without q_segment_ids")
-
-    @property
-    def bidirectional(self) -> bool:
-        return not self.causal
-
-    @property
-    def is_trivial(self) -> bool:
-        """True when every query sees every key (nothing to mask)."""
-        return (
-            not self.causal
-            and self.sliding_window is None
-            and self.kv_lengths is None
-            and self.q_segment_ids is None
-        )
-
-    def segments(self):
-        """(q_segment_ids [B, T], kv_segment_ids [B, S]) or (None, None)."""
-        if self.q_segment_ids is None:
-            return None, None
-        kv = self.q_segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
-        return self.q_segment_ids, kv
-
-    def check(self, batch: int, q_len: int, kv_len: int) -> None:
-        """Raises InputError naming the field whose shape does not fit [B, T] / [B, S]."""
-        want = {
-            "q_offset": (batch,),
-            "kv_lengths": (batch,),
-            "prefix_lengths": (batch,),
-            "q_segment_ids": (batch, q_len),
-            "kv_segment_ids": (batch, kv_len),
-        }
-        for name, shape in want.items():
-            x = getattr(self, name)
-            if x is not None and tuple(x.shape) != shape:
-                raise InputError(f"MaskSpec.{name}: expected shape {shape}, got {tuple(x.shape)}")
-        if self.q_segment_ids is not None and self.kv_segment_ids is None and q_len != kv_len:
-            raise InputError(
-                f"MaskSpec: q_segment_ids alone needs T == S ({q_len=}, {kv_len=}); pass kv_segment_ids"
-            )
-
-
-def visible(pos, kpos, *, causal, window, kv_len=None, prefix=None, q_seg=None, kv_seg=None):
-    """The mask predicate of MaskSpec, on broadcastable operands (e.g. pos [.., T, 1],
-    kpos [.., 1, S]). Shared by make_mask and the kernel body so both mean the same thing.
-    Returns None when nothing is masked."""
-    ok = None
-
-    def both(a, b):
-        return b if a is None else a & b
-
-    if kv_len is not None:
-        ok = both(ok, kpos < kv_len)
-    if causal:
-        seen = kpos <= pos
-        if window is not None:
-            seen = seen & (pos - kpos < window)
-        if prefix is not None:
-            seen = seen | ((kpos < prefix) & (pos < prefix))
-        ok = both(ok, seen)
-    elif window is not None:
-        ok = both(ok, (pos - kpos < window) & (kpos - pos < window))
-    if q_seg is not None:
-        ok = both(ok, (q_seg == kv_seg) & (q_seg >= 0))
-    return ok
-
-
-def make_mask(mask: MaskSpec, q_len: int, kv_len: int) -> jax.Array:
-    """bool [B or 1, 1, T, S]: True where query t may attend to key s (broadcasts over heads)."""
-    rows = lambda x: None if x is None else jnp.asarray(x, jnp.int32)[:, None, None]  # [B, 1, 1]
-    q_off = rows(mask.q_offset)
-    pos = jnp.arange(q_len, dtype=jnp.int32)[None, :, None]  # [1, T, 1]
-    pos = pos if q_off is None else pos + q_off
-    kpos = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]  # [1, 1, S]
-    q_seg, kv_seg = mask.segments()
-    ok = visible(
-        pos,
-        kpos,
-        causal=mask.causal,
-        window=mask.sliding_window,
-        kv_len=rows(mask.kv_lengths),
-        prefix=rows(mask.prefix_lengths) if mask.causal else None,
-        q_seg=None if q_seg is None else jnp.asarray(q_seg, jnp.int32)[:, :, None],
-        kv_seg=None if kv_seg is None else jnp.asarray(kv_seg, jnp.int32)[:, None, :],
-    )
-    if ok is None:
-        ok = jnp.ones((1, q_len, kv_len), bool)
-    ok = jnp.broadcast_to(ok, (ok.shape[0], q_len, kv_len))
-    return ok[:, None]  # [B|1, 1, T, S]
 
 
 def check_qkv(q, k, v) -> None:
@@ -190,20 +62,8 @@ def check_qkv(q, k, v) -> None:
 def attention_reference(q, k, v, mask: MaskSpec, scale: float | None = None):
     """Plain jnp attention in float32 throughout: the truth the kernels are tested against.
     q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] in q's dtype."""
-    batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    qg = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    hi = lax.Precision.HIGHEST
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision=hi) * scale
-    ok = make_mask(mask, q_len, kv_len)[:, :, None]  # [B|1, 1, 1, T, S]
-    logits = jnp.where(ok, logits, NEG_INF)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(logits - jnp.where(m == NEG_INF, 0.0, m))
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    probs = e / jnp.where(total == 0.0, 1.0, total)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32), precision=hi)
-    return out.reshape(q.shape).astype(q.dtype)
+    ok = make_mask(mask, q.shape[1], k.shape[1])[:, :, None]  # [B|1, 1, 1, T, S]
+    return softmax_attention(q, k, v, ok, scale, exact=True)
 
 
 # ----------------------------------------------------------------------------- kernel

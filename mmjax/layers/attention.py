@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.kernels.attention import MaskSpec, attention
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Einsum
 from mmjax.layers.rope import apply_rope
 
@@ -44,7 +45,7 @@ class Attention(nn.Module):
     head_dim: int  # H
     qkv_bias: bool = False
     o_bias: bool = False
-    impl: str = "auto"
+    kernels: KernelPolicy = KernelPolicy()
     dtype: jnp.dtype = jnp.float32
     # Separate layouts: fused qkv checkpoints are split by the converter, not here.
 
@@ -56,18 +57,19 @@ class Attention(nn.Module):
         With one, writes this call's keys at write_index [B] and attends over the cache.
         """
         D, N, K, H = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        q = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H) if self.qkv_bias else None, self.dtype, name="q")(x)
-        k = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="k")(x)
-        v = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="v")(x)
+        kw = dict(kernels=self.kernels)
+        q = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H) if self.qkv_bias else None, self.dtype, name="q", **kw)(x)
+        k = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="k", **kw)(x)
+        v = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="v", **kw)(x)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             new_cache = {"k": k, "v": v}
-            out = attention(q, k, v, mask, impl=self.impl)  # [B, T, N, H]
+            out = attention(q, k, v, mask, kernels=self.kernels)  # [B, T, N, H]
         else:
             new_cache = {"k": write_cache(cache["k"], k, write_index), "v": write_cache(cache["v"], v, write_index)}
-            out = attention(q, new_cache["k"], new_cache["v"], mask, impl=self.impl, kv_layout="BKSH")
+            out = attention(q, new_cache["k"], new_cache["v"], mask, kernels=self.kernels, kv_layout="BKSH")
         y = Einsum((N, H, D), "BTNH,NHD->BTD", (D,) if self.o_bias else None, self.dtype, name="o",
-                   flatten_contraction=True)(out)
+                   flatten_contraction=True, **kw)(out)
         return y, new_cache

@@ -1,5 +1,9 @@
 """Parameterised einsum: the one projection layer. Parameter shapes use the axis legend
-(e.g. q projection kernel "DNH"), so converter transforms and sharding rules can name axes."""
+(e.g. q projection kernel "DNH"), so converter transforms and sharding rules can name axes.
+
+A product of a few rows against the whole kernel (a decode step) goes, in the CPU branch of
+a platform_dependent and when the KernelPolicy's matmul_cpu is "cpu", through the streaming
+C++ kernel mmjax.kernels.cpu.gemv; every other platform and shape is a plain einsum."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +12,8 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.kernels import cpu_gemv
+from mmjax.kernels.cpu import gemv as cpu_gemv
+from mmjax.kernels.policy import KernelPolicy, dispatch
 
 __all__ = ["Einsum", "Embed"]
 
@@ -25,28 +30,44 @@ class Einsum(nn.Module):
     # Same math; it pins the row-major order of the contraction, which stops XLA on CPU from
     # transposing the o-projection kernel ([N, H, D] -> [H, N, D]) on every decode step.
     flatten_contraction: bool = False
+    kernels: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x):
         w = self.param("kernel", nn.initializers.normal(0.02), self.shape, self.dtype)
-        c = _row_matmul_split(self.eqn, x.ndim, self.flatten_contraction)
-        if c is not None and cpu_gemv.use_for(math.prod(x.shape[: x.ndim - c]), self.dtype):
-            # A few rows against the whole kernel (a decode step): the streaming kernel.
-            lead = x.shape[: x.ndim - c]
-            k_in = math.prod(self.shape[:c])
-            y = cpu_gemv.gemv(x.astype(self.dtype).reshape(-1, k_in), w.astype(self.dtype).reshape(k_in, -1))
-            y = y.reshape(*lead, *self.shape[c:])
-        elif self.flatten_contraction:
-            n = len(self.shape) - 1
-            lead = x.shape[: x.ndim - n]
-            y = jnp.einsum("...E,ED->...D", x.astype(self.dtype).reshape(*lead, -1),
-                           w.astype(self.dtype).reshape(-1, self.shape[-1]))
-        else:
-            y = jnp.einsum(self.eqn, x.astype(self.dtype), w.astype(self.dtype))
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        y = dispatch(self.kernels, self._plan(x), x, w)
         if self.bias_shape is not None:
             b = self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
             y = y + b.astype(self.dtype)
         return y
+
+    def _plan(self, x):
+        """plan(platform) for policy.dispatch: (key, fn(x, w))."""
+        c = _row_matmul_split(self.eqn, x.ndim, self.flatten_contraction)
+        gemv = (self.kernels.matmul_cpu == "cpu" and "cpu" in self.kernels.platforms and c is not None
+                and cpu_gemv.eligible(math.prod(x.shape[: x.ndim - c]), self.dtype))
+
+        def plan(platform):
+            if platform == "cpu" and gemv:
+                return ("gemv",), functools.partial(_gemv, c=c, shape=self.shape)
+            return ("einsum",), functools.partial(_einsum, eqn=self.eqn, shape=self.shape,
+                                                  flatten_contraction=self.flatten_contraction)
+        return plan
+
+
+def _gemv(x, w, *, c, shape):
+    """A few rows against the whole kernel (a decode step): the streaming CPU kernel."""
+    lead = x.shape[: x.ndim - c]
+    k_in = math.prod(shape[:c])
+    return cpu_gemv.gemv(x.reshape(-1, k_in), w.reshape(k_in, -1)).reshape(*lead, *shape[c:])
+
+
+def _einsum(x, w, *, eqn, shape, flatten_contraction):
+    if flatten_contraction:
+        lead = x.shape[: x.ndim - (len(shape) - 1)]
+        return jnp.einsum("...E,ED->...D", x.reshape(*lead, -1), w.reshape(-1, shape[-1]))
+    return jnp.einsum(eqn, x, w)
 
 
 @functools.lru_cache(maxsize=None)

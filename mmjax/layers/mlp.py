@@ -4,6 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.activations import get_activation
 from mmjax.layers.linear import Einsum
 
@@ -18,15 +19,16 @@ class GatedMLP(nn.Module):
     act: str = "silu"
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    kernels: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x):  # [B, T, D]
         D, F = self.hidden_size, self.intermediate_size
-        fb = (F,) if self.use_bias else None
-        gate = Einsum((D, F), "BTD,DF->BTF", fb, self.dtype, name="gate")(x)
-        up = Einsum((D, F), "BTD,DF->BTF", fb, self.dtype, name="up")(x)
+        fb, kw = (F,) if self.use_bias else None, dict(kernels=self.kernels)
+        gate = Einsum((D, F), "BTD,DF->BTF", fb, self.dtype, name="gate", **kw)(x)
+        up = Einsum((D, F), "BTD,DF->BTF", fb, self.dtype, name="up", **kw)(x)
         h = get_activation(self.act)(gate) * up
-        return Einsum((F, D), "BTF,FD->BTD", (D,) if self.use_bias else None, self.dtype, name="down")(h)
+        return Einsum((F, D), "BTF,FD->BTD", (D,) if self.use_bias else None, self.dtype, name="down", **kw)(h)
 
 
 class MLP(nn.Module):
@@ -38,11 +40,12 @@ class MLP(nn.Module):
     use_bias: bool = True
     out_size: int | None = None
     dtype: jnp.dtype = jnp.float32
+    kernels: KernelPolicy = KernelPolicy()
 
     @nn.compact
     def __call__(self, x):  # [B, T, D]
         D, F = self.hidden_size, self.intermediate_size
-        O = self.out_size or D
-        h = Einsum((D, F), "BTD,DF->BTF", (F,) if self.use_bias else None, self.dtype, name="fc1")(x)
+        O, kw = self.out_size or D, dict(kernels=self.kernels)
+        h = Einsum((D, F), "BTD,DF->BTF", (F,) if self.use_bias else None, self.dtype, name="fc1", **kw)(x)
         h = get_activation(self.act)(h)
-        return Einsum((F, O), "BTF,FD->BTD", (O,) if self.use_bias else None, self.dtype, name="fc2")(h)
+        return Einsum((F, O), "BTF,FD->BTD", (O,) if self.use_bias else None, self.dtype, name="fc2", **kw)(h)

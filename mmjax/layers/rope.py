@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.config import RopeConfig
+from mmjax.kernels.policy import KernelPolicy, dispatch
 
 __all__ = ["inv_frequencies", "rope_tables", "apply_rope"]
 
@@ -36,7 +37,8 @@ def inv_frequencies(rope: RopeConfig, rot_dim: int) -> np.ndarray:
     return inv
 
 
-def rope_tables(positions, rope: RopeConfig, head_dim: int, dtype, mrope_section=None):
+def rope_tables(positions, rope: RopeConfig, head_dim: int, dtype, mrope_section=None, *,
+                kernels: KernelPolicy = KernelPolicy()):
     """positions [B, T] (or [3, B, T] with mrope_section) -> (cos, sin) each [B, T, R]."""
     rot_dim = int(head_dim * rope.partial_rotary_factor)
     inv = jnp.asarray(inv_frequencies(rope, rot_dim))  # [R/2]
@@ -57,14 +59,23 @@ def rope_tables(positions, rope: RopeConfig, head_dim: int, dtype, mrope_section
         freqs = pos[..., None] * inv  # [B, T, R/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, R]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
-    if jax.default_backend() == "cpu":
-        # XLA:CPU fuses the tables' cos/sin into every consumer and recomputes them for each
-        # head of each layer (24 copies, ~20 ms of thread time in the benchmark's prefill). An
-        # identity product, exact in float32, makes it compute them once; an
-        # optimization_barrier does not survive XLA:CPU's pipeline.
-        eye = jnp.eye(emb.shape[-1], dtype=jnp.float32)
-        cos, sin = (jnp.dot(t, eye, precision=jax.lax.Precision.HIGHEST) for t in (cos, sin))
+
+    def plan(platform):
+        if platform == "cpu" and kernels.rope_cpu == "once":
+            return ("once",), _materialised
+        return ("plain",), lambda cos, sin: (cos, sin)
+
+    cos, sin = dispatch(kernels, plan, cos, sin)
     return cos.astype(dtype), sin.astype(dtype)
+
+
+def _materialised(cos, sin):
+    """XLA:CPU fuses the tables' cos/sin into every consumer and recomputes them for each head
+    of each layer (24 copies, ~20 ms of thread time in the benchmark's prefill). An identity
+    product, exact in float32, makes it compute them once; an optimization_barrier does not
+    survive XLA:CPU's pipeline."""
+    eye = jnp.eye(cos.shape[-1], dtype=jnp.float32)
+    return tuple(jnp.dot(t, eye, precision=jax.lax.Precision.HIGHEST) for t in (cos, sin))
 
 
 def _rotate_half(x):

@@ -60,8 +60,9 @@ class Clip(nn.Module):
         # own it: LLaVA reads raw hidden states, which never pass through it.
         self.vision_post_norm = LayerNorm(c.vision.layer_norm_eps, self.dtype)
         self.text = ClipText(c.text, self.dtype)
-        self.visual_projection = Einsum((c.vision.hidden_size, E), "ID,DE->IE", None, self.dtype)
-        self.text_projection = Einsum((c.text.hidden_size, E), "BD,DE->BE", None, self.dtype)
+        self.visual_projection = Einsum((c.vision.hidden_size, E), "ID,DE->IE", None, self.dtype,
+                                        kernels=c.vision.kernels)
+        self.text_projection = Einsum((c.text.hidden_size, E), "BD,DE->BE", None, self.dtype, kernels=c.text.kernels)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(2.6592), (), self.dtype)
 
     def image_embeds(self, pixel_values, normalize: bool = True):

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.config import ConfigBase
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Einsum
 
 __all__ = ["LinearProjectorConfig", "LinearProjector"]
@@ -21,6 +22,7 @@ class LinearProjectorConfig(ConfigBase):
     in_features: int  # Dv
     out_features: int  # D
     use_bias: bool = True
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     def num_tokens(self, num_features: int) -> int:
         return num_features
@@ -34,4 +36,4 @@ class LinearProjector(nn.Module):
     def __call__(self, x):  # [B, P, Dv] -> [B, P, D]
         c = self.cfg
         return Einsum((c.in_features, c.out_features), "BPE,ED->BPD", (c.out_features,) if c.use_bias else None,
-                      self.dtype, name="proj")(x)
+                      self.dtype, name="proj", kernels=c.kernels)(x)

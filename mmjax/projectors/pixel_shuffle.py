@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.config import ConfigBase
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Einsum
 from mmjax.layers.mlp import MLP
 from mmjax.layers.norms import make_norm
@@ -38,6 +39,7 @@ class PixelShuffleConfig(ConfigBase):
     norm: str | None = None  # e.g. "layernorm" on the folded tokens (InternVL)
     norm_eps: float = 1e-5
     use_bias: bool = True
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     @property
     def folded_features(self) -> int:
@@ -71,6 +73,6 @@ class PixelShuffleProjector(nn.Module):
             x = make_norm(c.norm, c.norm_eps, self.dtype, name="norm")(x)
         if c.hidden_size is None:
             return Einsum((c.folded_features, c.out_features), "BPE,ED->BPD",
-                          (c.out_features,) if c.use_bias else None, self.dtype, name="proj")(x)
+                          (c.out_features,) if c.use_bias else None, self.dtype, name="proj", kernels=c.kernels)(x)
         return MLP(c.folded_features, c.hidden_size, c.hidden_act, c.use_bias, c.out_features, self.dtype,
-                   name="mlp")(x)
+                   c.kernels, name="mlp")(x)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from mmjax.config import ConfigBase
 from mmjax.kernels.attention import MaskSpec, attention
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Einsum
 from mmjax.layers.mlp import MLP, GatedMLP
 from mmjax.layers.norms import make_norm
@@ -49,7 +50,7 @@ class ResamplerConfig(ConfigBase):
     final_norm: bool = True
     out_proj: bool = True  # project R -> D last (needed when R != D)
     out_proj_bias: bool = True
-    attention_impl: str = "auto"
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     def __post_init__(self):
         if not self.in_proj and self.in_features != self.dim:
@@ -75,12 +76,12 @@ class CrossAttention(nn.Module):
     def __call__(self, lat, kv_in):  # lat [B, Q, R], kv_in [B, S, R] -> [B, Q, R]
         c = self.cfg
         R, N, H = c.dim, c.num_heads, c.heads_dim
-        bias = (N, H) if c.qkv_bias else None
-        q = Einsum((R, N, H), "BQR,RNH->BQNH", bias, self.dtype, name="q")(lat)
-        k = Einsum((R, N, H), "BSR,RNH->BSNH", bias, self.dtype, name="k")(kv_in)
-        v = Einsum((R, N, H), "BSR,RNH->BSNH", bias, self.dtype, name="v")(kv_in)
-        out = attention(q, k, v, MaskSpec(causal=False), impl=c.attention_impl)  # [B, Q, N, H]
-        return Einsum((N, H, R), "BQNH,NHR->BQR", (R,) if c.o_bias else None, self.dtype, name="o")(out)
+        bias, kw = (N, H) if c.qkv_bias else None, dict(kernels=c.kernels)
+        q = Einsum((R, N, H), "BQR,RNH->BQNH", bias, self.dtype, name="q", **kw)(lat)
+        k = Einsum((R, N, H), "BSR,RNH->BSNH", bias, self.dtype, name="k", **kw)(kv_in)
+        v = Einsum((R, N, H), "BSR,RNH->BSNH", bias, self.dtype, name="v", **kw)(kv_in)
+        out = attention(q, k, v, MaskSpec(causal=False), **kw)  # [B, Q, N, H]
+        return Einsum((N, H, R), "BQNH,NHR->BQR", (R,) if c.o_bias else None, self.dtype, name="o", **kw)(out)
 
 
 class ResamplerLayer(nn.Module):
@@ -96,9 +97,9 @@ class ResamplerLayer(nn.Module):
         latents = latents + CrossAttention(c, self.dtype, name="attn")(lat, kv_in)
         h = make_norm(c.norm, c.norm_eps, self.dtype, name="norm_mlp")(latents)
         if c.gated_mlp:
-            h = GatedMLP(c.dim, c.intermediate_size, c.hidden_act, c.mlp_bias, self.dtype, name="mlp")(h)
+            h = GatedMLP(c.dim, c.intermediate_size, c.hidden_act, c.mlp_bias, self.dtype, c.kernels, name="mlp")(h)
         else:
-            h = MLP(c.dim, c.intermediate_size, c.hidden_act, c.mlp_bias, None, self.dtype, name="mlp")(h)
+            h = MLP(c.dim, c.intermediate_size, c.hidden_act, c.mlp_bias, None, self.dtype, c.kernels, name="mlp")(h)
         return latents + h
 
 
@@ -112,7 +113,7 @@ class PerceiverResampler(nn.Module):
         B = x.shape[0]
         if c.in_proj:
             x = Einsum((c.in_features, c.dim), "BPE,ER->BPR", (c.dim,) if c.in_proj_bias else None, self.dtype,
-                       name="in_proj")(x)
+                       name="in_proj", kernels=c.kernels)(x)
         latents = self.param("latents", nn.initializers.normal(0.02), (c.num_queries, c.dim), self.dtype)
         lat = jnp.broadcast_to(latents.astype(self.dtype), (B, c.num_queries, c.dim))
         for i in range(c.num_layers):
@@ -122,5 +123,5 @@ class PerceiverResampler(nn.Module):
             lat = make_norm(c.norm, c.norm_eps, self.dtype, name="final_norm")(lat)
         if c.out_proj:
             lat = Einsum((c.dim, c.out_features), "BQR,RD->BQD", (c.out_features,) if c.out_proj_bias else None,
-                         self.dtype, name="out_proj")(lat)
+                         self.dtype, name="out_proj", kernels=c.kernels)(lat)
         return lat

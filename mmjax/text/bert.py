@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from mmjax.config import ConfigBase
 from mmjax.errors import InputError
 from mmjax.kernels.attention import MaskSpec
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.attention import Attention
 from mmjax.layers.linear import Einsum, Embed
 from mmjax.layers.mlp import MLP
@@ -42,7 +43,7 @@ class BertConfig(ConfigBase):
     hidden_act: str = "gelu"
     # HF builds these heads with add_pooling_layer=False: their checkpoints carry no pooler.
     has_pooler: bool = True
-    attention_impl: str = "auto"
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     @classmethod
     def from_hf(cls, hf: dict) -> "BertConfig":
@@ -88,9 +89,9 @@ class BertBlock(nn.Module):
     def __call__(self, x, mask: MaskSpec):  # [B, T, D]
         c = self.cfg
         a, _ = Attention(c.hidden_size, c.num_heads, c.num_heads, c.hidden_size // c.num_heads, True, True,
-                         c.attention_impl, self.dtype, name="attn")(x, mask)
+                         c.kernels, self.dtype, name="attn")(x, mask)
         x = LayerNorm(c.layer_norm_eps, self.dtype, name="attn_norm")(x + a)
-        h = MLP(c.hidden_size, c.intermediate_size, c.hidden_act, True, None, self.dtype, name="mlp")(x)
+        h = MLP(c.hidden_size, c.intermediate_size, c.hidden_act, True, None, self.dtype, c.kernels, name="mlp")(x)
         return LayerNorm(c.layer_norm_eps, self.dtype, name="mlp_norm")(x + h)
 
 
@@ -114,7 +115,8 @@ class Bert(nn.Module):
         self.embed_norm = LayerNorm(c.layer_norm_eps, self.dtype)
         self.layers = [BertBlock(c, self.dtype) for _ in range(c.num_layers)]  # named layers_{i}
         if c.has_pooler:
-            self.pooler = Einsum((c.hidden_size, c.hidden_size), "BD,DE->BE", (c.hidden_size,), self.dtype)
+            self.pooler = Einsum((c.hidden_size, c.hidden_size), "BD,DE->BE", (c.hidden_size,), self.dtype,
+                                 kernels=c.kernels)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, pool: str | None = None):
         """input_ids [B, T]; attention_mask, token_type_ids [B, T] or None (None = all ones / all

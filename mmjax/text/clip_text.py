@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mmjax.config import ConfigBase
 from mmjax.errors import InputError
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Embed
 from mmjax.layers.norms import LayerNorm
 from mmjax.text.bert import padding_mask
@@ -28,7 +29,7 @@ LEGACY_EOS_ID = 2  # see eos_positions
 
 @dataclasses.dataclass(frozen=True)
 class ClipTextConfig(ConfigBase):
-    # The field names the vision block reads (hidden_size ... attention_impl) match
+    # The field names the vision block reads (hidden_size ... kernels) match
     # ClipVisionConfig's, so the text tower reuses ClipVisionBlock as is.
     vocab_size: int  # V
     hidden_size: int  # D
@@ -39,7 +40,7 @@ class ClipTextConfig(ConfigBase):
     eos_token_id: int = 49407  # HF CLIPTextConfig's default
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
-    attention_impl: str = "auto"
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     @classmethod
     def from_hf(cls, t: dict) -> "ClipTextConfig":

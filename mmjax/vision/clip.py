@@ -32,11 +32,12 @@ class ClipVisionBlock(nn.Module):
         c = self.cfg
         hd = c.hidden_size // c.num_heads
         h = LayerNorm(c.layer_norm_eps, self.dtype, name="norm1")(x)
-        a, _ = Attention(c.hidden_size, c.num_heads, c.num_heads, hd, True, True, c.attention_impl,
+        a, _ = Attention(c.hidden_size, c.num_heads, c.num_heads, hd, True, True, c.kernels,
                          self.dtype, name="attn")(h, mask)
         x = x + a
         h = LayerNorm(c.layer_norm_eps, self.dtype, name="norm2")(x)
-        return x + MLP(c.hidden_size, c.intermediate_size, c.hidden_act, True, None, self.dtype, name="mlp")(h)
+        return x + MLP(c.hidden_size, c.intermediate_size, c.hidden_act, True, None, self.dtype, c.kernels,
+                       name="mlp")(h)
 
 
 class ClipVision(nn.Module):

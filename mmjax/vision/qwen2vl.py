@@ -37,6 +37,7 @@ import numpy as np
 
 from mmjax.config import ConfigBase, RopeConfig
 from mmjax.kernels.attention import MaskSpec, attention
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Einsum
 from mmjax.layers.mlp import MLP, GatedMLP
 from mmjax.layers.norms import make_norm
@@ -66,7 +67,7 @@ class Qwen2VLVisionConfig(ConfigBase):
     fullatt_block_indexes: tuple[int, ...] = ()
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    attention_impl: str = "auto"
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     @classmethod
     def from_hf_qwen2_vl(cls, v: dict, out_hidden_size: int) -> "Qwen2VLVisionConfig":
@@ -208,15 +209,16 @@ class VisionAttention(nn.Module):
     @nn.compact
     def __call__(self, x, rope, segments):  # x [1, P, D]; rope (cos, sin) [1, P, H]; segments [1, P]
         D, N, H = self.cfg.hidden_size, self.cfg.num_heads, self.cfg.head_dim
-        q = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H), self.dtype, name="q")(x)
-        k = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H), self.dtype, name="k")(x)
-        v = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H), self.dtype, name="v")(x)
+        kw = dict(kernels=self.cfg.kernels)
+        q = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H), self.dtype, name="q", **kw)(x)
+        k = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H), self.dtype, name="k", **kw)(x)
+        v = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H), self.dtype, name="v", **kw)(x)
         # HF rotates vision q/k in float32 whatever the weights' dtype.
         cos, sin = rope
         q = apply_rope(q.astype(jnp.float32), cos, sin).astype(self.dtype)
         k = apply_rope(k.astype(jnp.float32), cos, sin).astype(self.dtype)
-        out = attention(q, k, v, MaskSpec(causal=False, q_segment_ids=segments), impl=self.cfg.attention_impl)
-        return Einsum((N, H, D), "BTNH,NHD->BTD", (D,), self.dtype, name="o")(out)
+        out = attention(q, k, v, MaskSpec(causal=False, q_segment_ids=segments), **kw)
+        return Einsum((N, H, D), "BTNH,NHD->BTD", (D,), self.dtype, name="o", **kw)(out)
 
 
 class VisionBlock(nn.Module):
@@ -230,8 +232,10 @@ class VisionBlock(nn.Module):
                                                            rope, segments)
         h = make_norm(c.norm, c.norm_eps, self.dtype, "norm2")(x)
         if c.gated_mlp:
-            return x + GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, True, self.dtype, name="mlp")(h)
-        return x + MLP(c.hidden_size, c.intermediate_size, c.hidden_act, True, None, self.dtype, name="mlp")(h)
+            return x + GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, True, self.dtype, c.kernels,
+                                name="mlp")(h)
+        return x + MLP(c.hidden_size, c.intermediate_size, c.hidden_act, True, None, self.dtype, c.kernels,
+                       name="mlp")(h)
 
 
 class PatchMerger(nn.Module):
@@ -246,7 +250,7 @@ class PatchMerger(nn.Module):
         x = make_norm(c.norm, c.norm_eps, self.dtype, "norm")(x)
         x = x.reshape(1, -1, c.merge_unit * c.hidden_size)  # [1, U, m^2 D]
         d = c.merge_unit * c.hidden_size
-        return MLP(d, d, "gelu", True, c.out_hidden_size, self.dtype, name="mlp")(x)[0]
+        return MLP(d, d, "gelu", True, c.out_hidden_size, self.dtype, c.kernels, name="mlp")(x)[0]
 
 
 class Qwen2VLVision(nn.Module):

@@ -22,6 +22,7 @@ import numpy as np
 
 from mmjax.config import ConfigBase
 from mmjax.kernels.attention import MaskSpec, attention
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.attention import Attention
 from mmjax.layers.linear import Einsum, Embed
 from mmjax.layers.mlp import MLP
@@ -55,7 +56,7 @@ class ViTConfig(ConfigBase):
     o_bias: bool = True
     mlp_bias: bool = True
     output_class_token: bool = False  # keep the class token in the output features
-    attention_impl: str = "auto"
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
 
     def __post_init__(self):
         if self.position not in POSITIONS:
@@ -138,9 +139,11 @@ class FusedSelfAttention(nn.Module):
         c = self.cfg
         D, N = c.hidden_size, c.num_heads
         H = D // N
-        qkv = Einsum((D, 3, N, H), "BPD,DCNH->BPCNH", (3, N, H) if c.qkv_bias else None, self.dtype, name="qkv")(x)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, impl=c.attention_impl)  # [B, P, N, H]
-        return Einsum((N, H, D), "BPNH,NHD->BPD", (D,) if c.o_bias else None, self.dtype, name="o")(out)
+        kw = dict(kernels=c.kernels)
+        qkv = Einsum((D, 3, N, H), "BPD,DCNH->BPCNH", (3, N, H) if c.qkv_bias else None, self.dtype, name="qkv",
+                     **kw)(x)
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, **kw)  # [B, P, N, H]
+        return Einsum((N, H, D), "BPNH,NHD->BPD", (D,) if c.o_bias else None, self.dtype, name="o", **kw)(out)
 
 
 class ViTBlock(nn.Module):
@@ -156,10 +159,10 @@ class ViTBlock(nn.Module):
             a = FusedSelfAttention(c, self.dtype, name="attn")(h, mask)
         else:
             # qkv_bias covers q, k and v; the layer has one flag for the three.
-            a, _ = Attention(D, N, N, D // N, c.qkv_bias, c.o_bias, c.attention_impl, self.dtype, name="attn")(h, mask)
+            a, _ = Attention(D, N, N, D // N, c.qkv_bias, c.o_bias, c.kernels, self.dtype, name="attn")(h, mask)
         x = x + a
         h = make_norm(c.norm, c.norm_eps, self.dtype, name="norm2")(x)
-        return x + MLP(D, c.intermediate_size, c.hidden_act, c.mlp_bias, None, self.dtype, name="mlp")(h)
+        return x + MLP(D, c.intermediate_size, c.hidden_act, c.mlp_bias, None, self.dtype, c.kernels, name="mlp")(h)
 
 
 class ViT(nn.Module):

@@ -16,7 +16,7 @@
 //   logits [rows, keys] = q_tile @ kt   (8 rows x 32 keys in registers over H)
 //   mask, running max / sum rescale, p = exp(logits - max)
 //   out [rows, H] += p @ v              (8 rows x 32 of H in registers over the keys)
-// Tasks are shared out over XLA's intra-op pool by mmjax_pool::ParallelFor (cpu_pool.h).
+// Tasks are shared out over XLA's intra-op pool by mmjax_pool::ParallelFor (pool.h).
 //
 // Numerics: float32 throughout, online softmax (the rescaling differs from XLA's two-pass
 // softmax only in rounding; <= 1e-5 against the reference in tests/test_cpu_prefill_attention.py).
@@ -28,8 +28,8 @@
 #include <memory>
 #include <vector>
 
-#include "cpu_pool.h"
-#include "cpu_simd.h"
+#include "pool.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

@@ -18,15 +18,15 @@
 // stores of another (4K aliasing), which halved the rate when the block was y itself.
 // More than 8 rows run 8 at a time (w streams once per 8 rows); the engine sends at most 8.
 //
-// Threading: column blocks are shared out by mmjax_pool::ParallelFor (cpu_pool.h): the caller
+// Threading: column blocks are shared out by mmjax_pool::ParallelFor (pool.h): the caller
 // and helper tasks on the XLA pool claim them; a busy pool cannot deadlock the call.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 
-#include "cpu_pool.h"
-#include "cpu_simd.h"
+#include "pool.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

@@ -1,16 +1,16 @@
-"""Decode attention on XLA:CPU (cpu_decode_attention.cc); its reference is
-decode_attention.decode_attention_reference.
+"""Decode attention on XLA:CPU (decode_attention.cc); its reference is
+mmjax.kernels.decode_attention.decode_attention_reference.
 
 Axis legend: B batch, N query heads, K kv heads, G = N // K, S cache length, H head dim.
 
 `decode_attention_cpu(q, k, v, start, end)`: q [B, 1, N, H] against the cache k/v
 [B, K, S, H] ("BKSH"), keys start[b] <= s < end[b] visible -> [B, 1, N, H]. One XLA FFI call
 per layer; each (b, kv head) streams its K and V once for all G query heads (docs/kernels.md,
-"CPU decode attention"). cpu_ffi builds and registers it.
+"CPU decode attention"). ffi.py builds and registers it.
 
-`use_for(q, k, v, mask)` is the one place that decides: the CPU backend, one query token,
-float32, a mask without segment ids, not turned off (MMJAX_CPU_ATTENTION=0, or tracing under
-`cpu_ffi.disabled()`), and the library built.
+`eligible(q, k, v, mask)` says whether it can: one query token, float32, a mask without segment
+ids, and the library built. Whether it should is the KernelPolicy's `attention_cpu`
+(mmjax.kernels.attention asks both, in the CPU branch of its platform_dependent).
 """
 from __future__ import annotations
 
@@ -20,25 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.kernels import cpu_ffi
+from mmjax.kernels.cpu import ffi
 from mmjax.kernels.decode_attention import decode_attention_reference
 
-__all__ = ["available", "decode_attention_cpu", "use_for"]
+__all__ = ["TARGET", "decode_attention_cpu", "eligible"]
 
 TARGET = "mmjax_decode_attention_f32"
 
 
-def available() -> bool:
-    """CPU backend, not turned off by MMJAX_CPU_ATTENTION=0, and the library built."""
-    return cpu_ffi.available("MMJAX_CPU_ATTENTION")
-
-
-def use_for(q, k, v, mask) -> bool:
+def eligible(q, k, v, mask) -> bool:
     """Whether attention of q [B, T, N, H] over a BKSH cache goes through this kernel."""
     f32 = jnp.dtype(jnp.float32)
     return (q.shape[1] == 1 and mask.q_segment_ids is None
             and all(jnp.dtype(a.dtype) == f32 for a in (q, k, v))
-            and not cpu_ffi.is_disabled() and available())
+            and ffi.available())
 
 
 def decode_attention_cpu(q, k, v, start, end, scale: float | None = None):
@@ -48,8 +43,8 @@ def decode_attention_cpu(q, k, v, start, end, scale: float | None = None):
             or num_heads % k.shape[1]:
         raise ValueError(f"decode_attention_cpu: expects q [B, 1, N, H] and k/v [B, K, S, H], "
                          f"got {q.shape}, {k.shape}, {v.shape}")
-    if cpu_ffi.load() is None:
-        raise RuntimeError(f"decode_attention_cpu: kernel unavailable ({cpu_ffi.error()})")
+    if ffi.load() is None:
+        raise RuntimeError(f"decode_attention_cpu: kernel unavailable ({ffi.error()})")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     return _decode(q, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), float(scale))
 
@@ -66,4 +61,4 @@ def _reference(q, k, v, start, end, scale):
     return decode_attention_reference(q, k.swapaxes(1, 2), v.swapaxes(1, 2), end, kv_starts=start, scale=scale)
 
 
-_decode = cpu_ffi.attention_with_reference_vjp(_decode_kernel, _reference)
+_decode = ffi.attention_with_reference_vjp(_decode_kernel, _reference)

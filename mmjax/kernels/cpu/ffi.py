@@ -1,13 +1,14 @@
 """Build and register mmjax's CPU kernels (XLA FFI custom calls written in C++).
 
 The sources below are compiled together with the system C++ compiler on first use into one
-shared library in the mmjax cache folder, keyed by the sources, the compiler command, jaxlib's
-version and the CPU's features (`-march=native`), and their handlers are registered with XLA
-once per process. If the library cannot be built (no compiler) mmjax warns once and every
-kernel's `use_for` says no: XLA's own ops run instead, slower, same math.
+shared library in the mmjax cache folder (`<cache>/kernels/cpu_kernels-<key>.so`), keyed by the
+sources' names and contents, the compiler command, jaxlib's version and the CPU's features
+(`-march=native`), and their handlers are registered with XLA once per process. If the library
+cannot be built (no compiler) mmjax warns once and every kernel's `eligible` says no: XLA's own
+ops run instead, slower, same math.
 
-`disabled()` turns every CPU kernel off while tracing: the engine traces programs partitioned
-over a mesh under it (a custom call has no sharding rule).
+Whether a program uses them at all is the KernelPolicy's business (mmjax/kernels/policy.py):
+nothing here reads the environment or any other global while tracing.
 """
 from __future__ import annotations
 
@@ -24,18 +25,17 @@ import jax
 
 from mmjax.compile_cache import cache_root
 
-__all__ = ["HEADERS", "SOURCES", "TARGETS", "attention_with_reference_vjp", "available", "build", "disabled", "error", "is_disabled", "load", "off_by_env"]
+__all__ = ["HEADERS", "SOURCES", "TARGETS", "attention_with_reference_vjp", "available", "build", "error", "load"]
 
 _HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(_HERE, f) for f in ("cpu_gemv.cc", "cpu_decode_attention.cc", "cpu_prefill_attention.cc"))
-HEADERS = tuple(os.path.join(_HERE, f) for f in ("cpu_simd.h", "cpu_pool.h"))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("gemv.cc", "decode_attention.cc", "prefill_attention.cc"))
+HEADERS = tuple(os.path.join(_HERE, f) for f in ("simd.h", "pool.h"))
 # XLA target name -> the handler symbol the library exports.
 TARGETS = {"mmjax_gemv_f32": "MmjaxGemvF32", "mmjax_decode_attention_f32": "MmjaxDecodeAttentionF32",
            "mmjax_prefill_attention_f32": "MmjaxPrefillAttentionF32"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _lock = threading.Lock()
 _state: dict = {}  # "lib": ctypes.CDLL | None, "error": str
-_local = threading.local()  # .off: tracing under disabled()
 
 
 def _cpu_features() -> str:
@@ -58,6 +58,7 @@ def build(cache_dir: str | None = None) -> str:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     h = hashlib.sha256()
     for src in SOURCES + HEADERS:
+        h.update(os.path.basename(src).encode())  # the #include lines name the headers
         with open(src, "rb") as f:
             h.update(f.read())
     # -march=native: the CPU's features are part of the key (a shared home folder may be seen
@@ -121,29 +122,6 @@ def attention_with_reference_vjp(kernel, reference):
     return f
 
 
-def available(switch: str) -> bool:
-    """The CPU backend, not turned off by the environment variable `switch` (=0), and the
-    library built and registered."""
-    if off_by_env(switch):
-        return False
-    return jax.default_backend() == "cpu" and load() is not None
-
-
-def off_by_env(name: str) -> bool:
-    """An opt-out switch such as MMJAX_CPU_GEMV=0."""
-    return os.environ.get(name, "1").lower() in ("0", "false", "off", "no")
-
-
-def is_disabled() -> bool:
-    """Tracing under disabled()."""
-    return getattr(_local, "off", False)
-
-
-class disabled:
-    """Context manager: trace without any CPU kernel (the engine uses it under a mesh)."""
-
-    def __enter__(self):
-        self._prev, _local.off = is_disabled(), True
-
-    def __exit__(self, *exc):
-        _local.off = self._prev
+def available() -> bool:
+    """The library built and registered (built on the first call)."""
+    return load() is not None

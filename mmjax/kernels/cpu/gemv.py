@@ -1,26 +1,24 @@
-"""Small-batch matrix product for decode on XLA:CPU (cpu_gemv.cc), with its reference.
+"""Small-batch matrix product for decode on XLA:CPU (gemv.cc), with its reference.
 
 Axis legend: M rows (one per sequence of a decode batch, 1..8), K contracted, N output.
 
 `gemv(x, w)` = x [M, K] @ w [K, N] in float32 through an XLA FFI custom call that streams w
 once with the columns split over XLA's intra-op thread pool (docs/kernels.md, "CPU decode
-matmul"). cpu_ffi builds and registers it.
+matmul"). ffi.py builds and registers it.
 
-`use_for(rows, dtype)` is the one place that decides whether a product goes through it: the
-CPU backend, 1 to MAX_ROWS rows, float32, not turned off (MMJAX_CPU_GEMV=0, or tracing under
-`cpu_ffi.disabled()`, which the engine does for programs partitioned over a mesh), and the
-library built. If it cannot be built (no compiler) mmjax warns once and keeps XLA's dot:
-slower, same math.
+`eligible(rows, dtype)` says whether a product can go through it: 1 to MAX_ROWS rows, float32,
+and the library built (no compiler: mmjax warns once and keeps XLA's dot, slower, same math).
+Whether it should is the KernelPolicy's `matmul_cpu` (mmjax.layers.linear.Einsum asks both,
+in the CPU branch of its platform_dependent).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from mmjax.kernels import cpu_ffi
-from mmjax.kernels.cpu_ffi import disabled
+from mmjax.kernels.cpu import ffi
 
-__all__ = ["MAX_ROWS", "available", "disabled", "gemv", "gemv_reference", "use_for"]
+__all__ = ["MAX_ROWS", "TARGET", "eligible", "gemv", "gemv_reference"]
 
 TARGET = "mmjax_gemv_f32"
 # Rows up to which the kernel beats XLA:CPU's dot (measured at 1, 2, 4 and 8; docs/kernels.md).
@@ -33,25 +31,20 @@ def gemv_reference(x, w):
     return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-def available() -> bool:
-    """CPU backend, not turned off by MMJAX_CPU_GEMV=0, and the library built and registered."""
-    return cpu_ffi.available("MMJAX_CPU_GEMV")
-
-
-def use_for(rows: int, dtype) -> bool:
-    """Whether a [rows, K] @ [K, N] product of `dtype` goes through this kernel."""
-    return 1 <= rows <= MAX_ROWS and jnp.dtype(dtype) == jnp.float32 and not cpu_ffi.is_disabled() and available()
+def eligible(rows: int, dtype) -> bool:
+    """Whether a [rows, K] @ [K, N] product of `dtype` can go through this kernel."""
+    return 1 <= rows <= MAX_ROWS and jnp.dtype(dtype) == jnp.float32 and ffi.available()
 
 
 def gemv(x, w):
     """x [M, K] float32 @ w [K, N] float32 -> [M, N] float32 (any M >= 1; w streams once per 8
-    rows, so use_for routes only M <= MAX_ROWS here)."""
+    rows, so Einsum sends only M <= MAX_ROWS here)."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[0] < 1 or x.shape[1] != w.shape[0]:
         raise ValueError(f"gemv: expects x [M, K] and w [K, N], got {x.shape} and {w.shape}")
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f"gemv: float32 only, got {x.dtype} and {w.dtype}")
-    if cpu_ffi.load() is None:
-        raise RuntimeError(f"gemv: kernel unavailable ({cpu_ffi.error()})")
+    if ffi.load() is None:
+        raise RuntimeError(f"gemv: kernel unavailable ({ffi.error()})")
     return _gemv(x, w)
 
 

@@ -11,7 +11,7 @@
 // it streams its K rows once per query head (from cache after the first), keeps the G x n
 // logits in a thread-local buffer, and streams its V rows once for all G heads (GQA without
 // repeating K/V). Tasks are shared out over XLA's intra-op pool by mmjax_pool::ParallelFor
-// (cpu_pool.h).
+// (pool.h).
 //
 // For head dims that are multiples of 16 (Logits / WeightedSum, unrolled per head dim): the
 // dot products of 16 keys are reduced together (Sums16: 15 shuffle-adds, not 16 lane-by-lane
@@ -29,8 +29,8 @@
 #include <memory>
 #include <vector>
 
-#include "cpu_pool.h"
-#include "cpu_simd.h"
+#include "pool.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

@@ -1,16 +1,17 @@
-"""Prefill attention on XLA:CPU (cpu_prefill_attention.cc); its reference is
-flash_attention.attention_reference.
+"""Prefill attention on XLA:CPU (prefill_attention.cc); its reference is
+mmjax.kernels.flash_attention.attention_reference.
 
 Axis legend: B batch, T query tokens, S keys, N query heads, K kv heads, G = N // K, H head dim.
 
 `prefill_attention_cpu(q, k, v, start, end)`: q [B, T, N, H] against k/v [B, S, K, H]
 ("BSKH"), query t of row b seeing keys start[b, t] <= s < end[b, t] -> [B, T, N, H]. One XLA
-FFI call per layer, flash-attention style (docs/kernels.md, "CPU prefill attention"). cpu_ffi
+FFI call per layer, flash-attention style (docs/kernels.md, "CPU prefill attention"). ffi.py
 builds and registers it.
 
-`use_for(q, k, v, mask)` is the one place that decides: the CPU backend, more than one query
-token, float32, head dim a multiple of 16, a mask without segment ids, not turned off
-(MMJAX_CPU_ATTENTION=0, or tracing under `cpu_ffi.disabled()`), and the library built.
+`eligible(q, k, v, mask)` says whether it can: more than one query token, float32, head dim a
+multiple of 16, a mask without segment ids, and the library built. Whether it should is the
+KernelPolicy's `attention_cpu` (mmjax.kernels.attention asks both, in the CPU branch of its
+platform_dependent).
 """
 from __future__ import annotations
 
@@ -20,24 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.kernels import cpu_ffi
+from mmjax.kernels.cpu import ffi
+from mmjax.kernels.reference import softmax_attention
 
-__all__ = ["available", "interval_attention_reference", "prefill_attention_cpu", "use_for"]
+__all__ = ["TARGET", "eligible", "interval_attention_reference", "prefill_attention_cpu"]
 
 TARGET = "mmjax_prefill_attention_f32"
 
 
-def available() -> bool:
-    """CPU backend, not turned off by MMJAX_CPU_ATTENTION=0, and the library built."""
-    return cpu_ffi.available("MMJAX_CPU_ATTENTION")
-
-
-def use_for(q, k, v, mask) -> bool:
+def eligible(q, k, v, mask) -> bool:
     """Whether attention of q [B, T, N, H] over its own k/v [B, S, K, H] goes through this kernel."""
     f32 = jnp.dtype(jnp.float32)
     return (q.shape[1] > 1 and q.shape[3] % 16 == 0 and mask.q_segment_ids is None
             and all(jnp.dtype(a.dtype) == f32 for a in (q, k, v))
-            and not cpu_ffi.is_disabled() and available())
+            and ffi.available())
 
 
 def prefill_attention_cpu(q, k, v, start, end, scale: float | None = None):
@@ -47,8 +44,8 @@ def prefill_attention_cpu(q, k, v, start, end, scale: float | None = None):
             or num_heads % k.shape[2] or head_dim % 16:
         raise ValueError(f"prefill_attention_cpu: expects q [B, T, N, H] and k/v [B, S, K, H] with K | N and "
                          f"16 | H, got {q.shape}, {k.shape}, {v.shape}")
-    if cpu_ffi.load() is None:
-        raise RuntimeError(f"prefill_attention_cpu: kernel unavailable ({cpu_ffi.error()})")
+    if ffi.load() is None:
+        raise RuntimeError(f"prefill_attention_cpu: kernel unavailable ({ffi.error()})")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     return _prefill(q, k, v, jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32), float(scale))
 
@@ -61,20 +58,10 @@ def _prefill_kernel(q, k, v, start, end, scale):
 def interval_attention_reference(q, k, v, start, end, scale):
     """float32 jnp reference: query t of row b sees keys start[b, t] <= s < end[b, t] (clipped
     to [0, S]); no visible key gives 0. q [B, T, N, H], k/v [B, S, K, H]."""
-    batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    qg = q.astype(jnp.float32).reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    hi = jax.lax.Precision.HIGHEST
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision=hi) * scale
+    kv_len = k.shape[1]
     s = jnp.arange(kv_len)[None, None, :]
     ok = (s >= jnp.clip(start, 0, kv_len)[..., None]) & (s < jnp.clip(end, 0, kv_len)[..., None])  # [B, T, S]
-    logits = jnp.where(ok[:, None, None], logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(logits - jnp.where(m == -jnp.inf, 0.0, m))
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    probs = e / jnp.where(total == 0.0, 1.0, total)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32), precision=hi)
-    return out.reshape(q.shape)
+    return softmax_attention(q, k, v, ok[:, None, None], scale, exact=True)
 
 
-_prefill = cpu_ffi.attention_with_reference_vjp(_prefill_kernel, interval_attention_reference)
+_prefill = ffi.attention_with_reference_vjp(_prefill_kernel, interval_attention_reference)
