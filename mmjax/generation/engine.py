@@ -16,7 +16,6 @@ trimmed after its first stop token (kept, as HF does).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
 import jax
