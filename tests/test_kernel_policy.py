@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mmjax.components import ComposedConfig
 from mmjax.config import LlamaConfig
 from mmjax.kernels.attention import MaskSpec, attention
 from mmjax.kernels.cpu import decode_attention as cpu_decode
 from mmjax.kernels.policy import KernelPolicy, with_kernels
-from mmjax.models.llava import LlavaConfig
+from mmjax.families import llava
+from mmjax.models.composed import ComposedConfig
 from mmjax.testing.checkpoints import tiny_llava_config
 
 SPEC = {
@@ -37,10 +37,10 @@ def policies(cfg) -> list:
 
 
 def test_with_kernels_reaches_every_component():
-    llava = LlavaConfig.from_hf(tiny_llava_config().to_dict())
+    llava_cfg = llava.config_from_hf(tiny_llava_config().to_dict())
     composed = ComposedConfig.from_spec(SPEC)
     xla = KernelPolicy(attention_cpu="xla", matmul_cpu="xla")
-    for cfg, count in ((llava, 2), (composed, 3)):  # vision + text; vision + projector + decoder
+    for cfg, count in ((llava_cfg, 3), (composed, 3)):  # vision + projector + decoder
         assert len(policies(cfg)) == count and all(p == KernelPolicy() for p in policies(cfg))
         assert all(p == xla for p in policies(with_kernels(cfg, xla)))
         mesh = with_kernels(cfg, KernelPolicy.without_cpu_custom_calls)
