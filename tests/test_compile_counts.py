@@ -33,6 +33,7 @@ def _requests(n=40, seed=0):
     return reqs
 
 
+@pytest.mark.slow
 def test_forty_requests_compile_once_per_bucket(model):
     bk = model.buckets
     prefill_keys, decode_keys = set(), set()

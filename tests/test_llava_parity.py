@@ -88,6 +88,7 @@ def test_text_only_row_in_a_batch_with_images(fp32):
     assert batch.token_ids[1] == alone.token_ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sharded", "bin", "bf16"])
 def test_checkpoint_formats(tmp_path, variant):
     kw = {"sharded": {"max_shard_size": "200KB"}, "bin": {"safe_serialization": False}, "bf16": {"dtype": "bfloat16"}}

@@ -257,6 +257,7 @@ def mesh_results(folders):
     return res
 
 
+@pytest.mark.slow
 def test_sharded_generation_matches_one_device(mesh_results):
     ref = mesh_results["A"]["single"]
     for spec in MESHES:
@@ -266,6 +267,7 @@ def test_sharded_generation_matches_one_device(mesh_results):
     assert len(ref["tokens"]) == 2 and all(len(t) == NEW_TOKENS for t in ref["tokens"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["C", "Q"])
 def test_any_mesh_generates_like_one_device(mesh_results, name):
     ref = mesh_results[name]["single"]
@@ -276,6 +278,7 @@ def test_any_mesh_generates_like_one_device(mesh_results, name):
     assert len(ref["tokens"]) == 2 and all(len(t) == NEW_TOKENS for t in ref["tokens"])
 
 
+@pytest.mark.slow
 def test_kv_heads_that_do_not_divide_are_replicated(mesh_results):
     c = mesh_results["C"]["model:8"]
     assert c["k_spec"] == "P()"  # 4 kv heads over 8 devices
@@ -284,6 +287,7 @@ def test_kv_heads_that_do_not_divide_are_replicated(mesh_results):
     assert mesh_results["A"]["data:2,model:4"]["cache_spec"] == "P('data', 'model')"  # [B, K, S, H]
 
 
+@pytest.mark.slow
 def test_heads_that_do_not_divide_fall_back_with_one_log_line(mesh_results):
     c, q = mesh_results["C"], mesh_results["Q"]
     # C on model:8: the 4-head tower's attention is whole on every device, its MLP still split
@@ -300,6 +304,7 @@ def test_heads_that_do_not_divide_fall_back_with_one_log_line(mesh_results):
     assert q["data:2,model:4"]["vision_q_spec"] == "P()"  # 6 % 4
 
 
+@pytest.mark.slow
 def test_encoder_data_mode_replicates_the_tower(mesh_results):
     for name in ("C", "Q"):
         weights, data = mesh_results[name][ENCODER_DATA_MESH], mesh_results[name][f"{ENCODER_DATA_MESH} data"]
@@ -321,6 +326,7 @@ SPLIT_DIM = [(r"decoder/embed/embedding", 0), (r"decoder/lm_head/kernel", 1),
              (r"vision/.*/mlp/fc1/kernel", 1), (r"vision/.*/mlp/fc1/bias", 0), (r"vision/.*/mlp/fc2/kernel", 0)]
 
 
+@pytest.mark.slow
 def test_every_shard_has_the_shape_its_rule_says(mesh_results):
     shards = mesh_results["A"]["data:2,model:4"]["shards"]  # path -> [global shape, shard shapes, devices]
     assert len(shards) == 62
@@ -333,6 +339,7 @@ def test_every_shard_has_the_shape_its_rule_says(mesh_results):
         assert n_devices == 8, path
 
 
+@pytest.mark.slow
 def test_decode_step_collectives(mesh_results):
     # Arrays all-reduced per step (tuple all-reduces counted per array).
     # Megatron split: o and down each end in an all-reduce of [B, 1, D] (2 per layer); one more
@@ -345,6 +352,7 @@ def test_decode_step_collectives(mesh_results):
         assert hlo["hidden_all_reduces"] == 2 * layers + 1, (spec, hlo)
 
 
+@pytest.mark.slow
 def test_load_restores_straight_into_shards(mesh_results):
     big = mesh_results["BIG"]
     V, D = CONFIGS["BIG"]["vocab_size"], CONFIGS["BIG"]["text_hidden"]
@@ -354,6 +362,7 @@ def test_load_restores_straight_into_shards(mesh_results):
     assert big["peak_sharded_mib"] < big["peak_host_then_shard_mib"], big
 
 
+@pytest.mark.slow
 def test_docs_examples_run(mesh_results):
     docs = mesh_results["docs"]
     assert docs["blocks"] == 3
@@ -370,6 +379,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_generate_like_one(folders, mesh_results):
     port = _free_port()
     procs = []

@@ -63,6 +63,7 @@ def cache_sizes(model):
     return model.engine.prefill._cache_size(), model.engine.decode_step._cache_size()
 
 
+@pytest.mark.slow
 def test_soak_200_generate_calls(model):
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
