@@ -15,6 +15,7 @@ docs/autoport.md has the walk-through.
 import sys
 import types
 
+from mmjax.autoport import component  # noqa: F401  (registers the "autoport" vision and projector)
 from mmjax.autoport.export import autoport
 from mmjax.autoport.ported import Ported, load
 
