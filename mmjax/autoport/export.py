@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import inspect
 import os
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -50,7 +51,9 @@ def autoport(module, example_args, dynamic_shapes=None, *, check: bool = True):
     was_training = module.training
     module.eval()  # a port runs inference: dropout off, batch-norm statistics from the buffers
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch.export's own pytree deprecation (LeafSpec), raised from inside torch
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
             ep = ep.run_decompositions(_decompositions())
             want = module(*args) if check else None

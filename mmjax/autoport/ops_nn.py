@@ -226,10 +226,16 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_caus
     same_batch = q.shape[:-3] == k.shape[:-3] == v.shape[:-3]
     heads_ok = q.ndim >= 3 and (q.shape[-3] == k.shape[-3] or (enable_gqa and q.shape[-3] % k.shape[-3] == 0))
     if attn_mask is None and q.ndim >= 4 and same_batch and heads_ok and v.shape[-1] == q.shape[-1]:
+        dtype = q.dtype
+        if jax.default_backend() == "cpu" and dtype != F32:
+            # XLA:CPU has no bf16 x bf16 -> f32 dot for some operand layouts (q from a transposed
+            # einsum: "Unsupported element type for DotThunk"); torch's CPU kernel computes a
+            # bf16 attention in float32 too, so upcast here and round the output once.
+            q, k, v = (t.astype(F32) for t in (q, k, v))
         to_blne = lambda t: t.reshape((-1,) + t.shape[-3:]).swapaxes(1, 2)  # [.., N, L, E] -> [B, L, N, E]
         out = attention(to_blne(q), to_blne(k), to_blne(v), MaskSpec(causal=is_causal), impl=attention_impl,
                         scale=scale)  # [B, L, N, E]
-        return out.swapaxes(1, 2).reshape(q.shape)
+        return out.swapaxes(1, 2).reshape(q.shape).astype(dtype)
     return sdpa_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
 

@@ -191,6 +191,11 @@ def to_copy(x, dtype=None, **_):
     return x if dtype is None else jnp.asarray(x).astype(dtype)
 
 
+def copy(x, src, non_blocking=False):
+    """The functional form of x.copy_(src) (an in-place write into a slice): src in x's shape and dtype."""
+    return jnp.broadcast_to(src, x.shape).astype(x.dtype)
+
+
 def identity(x, *_, **__):
     return x
 

@@ -69,7 +69,7 @@ OPS = {
     "aten.empty_like.default": T.zeros_like, "aten.new_full.default": T.new_full,
     "aten.new_zeros.default": T.new_zeros, "aten.new_ones.default": T.new_ones, "aten.new_empty.default": T.new_zeros,
     "aten.linspace.default": T.linspace,
-    "aten._to_copy.default": T.to_copy, "aten.clone.default": T.identity, "aten.alias.default": T.identity,
+    "aten._to_copy.default": T.to_copy, "aten.copy.default": T.copy, "aten.clone.default": T.identity, "aten.alias.default": T.identity,
     "aten.lift_fresh_copy.default": T.identity, "aten.detach.default": T.identity,
     "aten.dropout.default": T.dropout,
     # views and shapes
