@@ -14,6 +14,7 @@ auto-port tests (tests/test_autoport*.py) port each and compare with torch.
                      final RMSNorm: the vision side of tests/autoport_vlm.py
   OpZoo              many table entries at once (pooling, interpolation, pads, indexing, ...)
   GridSampleHead     uses F.grid_sample, which the op table does not have
+  FFTTower           Tower reading torch.fft.fft2 first (no lowering either)
 """
 from __future__ import annotations
 
@@ -193,3 +194,11 @@ def randomize(module: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
             else:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     return module.eval()
+
+
+class FFTTower(Tower):
+    """Tower's parameters, but a forward that reads an FFT (no lowering): for the converter's
+    refusal test, where the checkpoint's tensors must load into the module first."""
+
+    def forward(self, pixels):
+        return super().forward(torch.fft.fft2(pixels).real)

@@ -180,8 +180,8 @@ def test_composed_config_round_trips_and_names_mistakes(tutorial):
     cfg = tutorial["cfg"]
     assert ComposedConfig.from_dict(dataclasses.asdict(cfg)) == cfg == ComposedConfig.from_spec(cfg.to_spec())
     spec = cfg.to_spec()
-    with pytest.raises(ValueError, match=r"unknown projector component 'perceiver'; registered: identity, linear, mlp, "
-                                         r"pixel_shuffle, resampler"):
+    with pytest.raises(ValueError, match=r"unknown projector component 'perceiver'; registered: autoport, identity, "
+                                         r"linear, mlp, pixel_shuffle, resampler"):
         ComposedConfig.from_spec({**spec, "projector": {**spec["projector"], "type": "perceiver"}})
     with pytest.raises(ValueError, match=r"projector.out_features 32 != decoder.hidden_size 64"):
         ComposedConfig.from_spec({**spec, "projector": {**spec["projector"], "out_features": 32}})
