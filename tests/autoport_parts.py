@@ -166,6 +166,14 @@ class OpZoo(nn.Module):
             torch.linalg.vector_norm(x, dim=-1), x.topk(2, dim=-1).values, x.sort(dim=-1, descending=True).values,
             shifted, counts, (x > 0.5).any(-1) & (x < 2).all(-1), torch.div(flat, 0.7, rounding_mode="floor"),
             torch.cat(torch.chunk(x, 2, dim=1)[::-1], dim=1) % 0.3,
+            # x as [B, N=4, L=H, E=W] for the attention variants that take the reference path
+            F.scaled_dot_product_attention(x, x, x, is_causal=True),
+            F.scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(H, H, dtype=torch.bool).tril()),
+            F.scaled_dot_product_attention(x, x, x, attn_mask=x[:, :1, :, :1] * x[:, :1, :, :1].transpose(-1, -2)),
+            F.scaled_dot_product_attention(x, x[:, :2], x[:, :2], enable_gqa=True),
+            torch.cdist(flat, flat), F.instance_norm(x), F.max_pool2d(x[:, :, :4, :4], 3, 2, ceil_mode=True),
+            torch.diagonal(x, dim1=-2, dim2=-1), torch.special.erfc(x), torch.var_mean(x, dim=1)[0],
+            torch.bucketize(x, torch.tensor([-1.0, 0.0, 1.0])), F.unfold(x, 2, stride=2), F.pixel_shuffle(x, 2),
         )
 
 

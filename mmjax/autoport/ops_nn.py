@@ -54,6 +54,13 @@ def einsum(equation, tensors, path=None):
     return jnp.einsum(equation, *tensors, precision=_prec(*tensors))
 
 
+def cdist(x1, x2, p=2.0, compute_mode=None):  # [.., P, M], [.., R, M] -> [.., P, R]
+    diff = jnp.abs(x1[..., :, None, :] - x2[..., None, :, :])
+    if p == float("inf"):
+        return jnp.max(diff, axis=-1)
+    return jnp.sum(diff ** p, axis=-1) ** (1.0 / p) if p != 2 else jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1))
+
+
 # ------------------------------------------------------------------ convolution and pooling
 
 
@@ -117,9 +124,16 @@ def avg_pool(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_includ
 
 def max_pool_with_indices(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     """Returns (values, None): the indices output has no lowering and fails only if it is read."""
-    if ceil_mode or any(d != 1 for d in _per_dim(dilation, 2)):
-        raise AutoportError("max_pool2d with ceil_mode=True or dilation > 1 has no lowering")
-    win, strides, pads = _window(x, _per_dim(kernel_size, 2), stride, padding)
+    if any(d != 1 for d in _per_dim(dilation, 2)):
+        raise AutoportError("max_pool2d with dilation > 1 has no lowering")
+    kernel_size = _per_dim(kernel_size, 2)
+    win, strides, pads = _window(x, kernel_size, stride, padding)
+    if ceil_mode:  # ATen's pooling_output_shape: one more window if it starts inside the (left-padded) input
+        for i, (k, s_, (p, _)) in enumerate(zip(win[-2:], strides[-2:], pads[-2:])):
+            size = x.shape[x.ndim - 2 + i]
+            out = -(-(size + 2 * p - k) // s_) + 1
+            out -= (out - 1) * s_ >= size + p
+            pads[x.ndim - 2 + i] = (p, max(p, (out - 1) * s_ + k - size - p))
     return lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), lax.max, win, strides, pads), None
 
 
@@ -190,6 +204,22 @@ def batch_norm_inference(x, weight, bias, running_mean, running_var, momentum, e
         y = y + bias.reshape(shape)
     empty = jnp.zeros((0,), F32)
     return y.astype(x.dtype), empty, empty
+
+
+def batch_norm_batch_stats(x, weight, bias, training, momentum, eps):
+    """_native_batch_norm_legit.no_stats: statistics of this batch (what instance_norm and a
+    BatchNorm without running stats compute in eval mode) -> (out, mean, rstd)."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    xf = _up(x)
+    mu = jnp.mean(xf, axis=axes, keepdims=True)
+    rstd = lax.rsqrt(jnp.mean(jnp.square(xf - mu), axis=axes, keepdims=True) + eps)
+    y = (xf - mu) * rstd
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y.astype(x.dtype), mu.reshape(-1), rstd.reshape(-1)
 
 
 def _softmax_dtype(x, dtype):

@@ -318,6 +318,21 @@ def pad(x, pad, mode="constant", value=None):
 # ------------------------------------------------------------------ indexing
 
 
+def diagonal(x, offset=0, dim1=0, dim2=1):
+    return jnp.diagonal(x, offset, dim1, dim2)  # the diagonal becomes the last axis, as in torch
+
+
+def bucketize(x, boundaries, out_int32=False, right=False):
+    """right=False: boundaries[i-1] < x <= boundaries[i] -> i (torch's convention)."""
+    return jnp.searchsorted(boundaries, x, side="right" if right else "left")
+
+
+def searchsorted(sorted_sequence, x, out_int32=False, right=False, side=None, sorter=None):
+    if sorted_sequence.ndim != 1 or sorter is not None:
+        raise AutoportError("searchsorted: only a 1-D sorted_sequence without a sorter has a lowering")
+    return jnp.searchsorted(sorted_sequence, x, side="right" if right or side == "right" else "left")
+
+
 def embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     return jnp.take(weight, indices, axis=0)
 
@@ -437,6 +452,10 @@ def all_(x, dim=None, keepdim=False):
 
 def logsumexp(x, dim, keepdim=False):
     return jax.nn.logsumexp(x, axis=_axes(dim, x.ndim), keepdims=keepdim)
+
+
+def var_mean(x, dim=None, correction=None, keepdim=False):
+    return var(x, dim, correction, keepdim), mean(x, dim, keepdim)
 
 
 def cumsum(x, dim, dtype=None):

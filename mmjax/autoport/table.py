@@ -35,7 +35,7 @@ _UNARY = {
     "log1p": T.jnp.log1p, "log2": T.jnp.log2, "log10": T.jnp.log10, "sqrt": T.jnp.sqrt, "rsqrt": T.rsqrt,
     "sin": T.jnp.sin, "cos": T.jnp.cos, "tan": T.jnp.tan, "tanh": T.jnp.tanh, "sinh": T.jnp.sinh,
     "cosh": T.jnp.cosh, "asin": T.jnp.arcsin, "acos": T.jnp.arccos, "atan": T.jnp.arctan,
-    "sigmoid": T.jax.nn.sigmoid, "erf": T.jax.scipy.special.erf, "erfinv": T.jax.scipy.special.erfinv,
+    "sigmoid": T.jax.nn.sigmoid, "erf": T.jax.scipy.special.erf, "erfc": T.jax.scipy.special.erfc, "erfinv": T.jax.scipy.special.erfinv,
     "reciprocal": T.jnp.reciprocal, "sign": T.jnp.sign, "floor": T.jnp.floor, "ceil": T.jnp.ceil,
     "round": T.jnp.round, "trunc": T.jnp.trunc, "relu": T.relu, "isnan": T.jnp.isnan, "isinf": T.jnp.isinf,
     "logical_not": T.jnp.logical_not, "bitwise_not": T.bitwise_not, "gelu": T.gelu, "silu": T.silu,
@@ -84,7 +84,8 @@ OPS = {
     # indexing
     "aten.embedding.default": T.embedding, "aten.index.Tensor": T.index, "aten._unsafe_index.Tensor": T.index,
     "aten.index_put.default": T.index_put, "aten._unsafe_index_put.default": T.index_put,
-    "aten.index_select.default": T.index_select, "aten.gather.default": T.gather,
+    "aten.diagonal.default": T.diagonal, "aten.bucketize.Tensor": T.bucketize,
+    "aten.searchsorted.Tensor": T.searchsorted, "aten.index_select.default": T.index_select, "aten.gather.default": T.gather,
     "aten.scatter.src": T.scatter, "aten.scatter.value": T.scatter_value, "aten.scatter_add.default": T.scatter_add,
     "aten.slice_scatter.default": T.slice_scatter, "aten.select_scatter.default": T.select_scatter,
     # reductions
@@ -93,6 +94,7 @@ OPS = {
     "aten.amax.default": T.amax, "aten.amin.default": T.amin, "aten.max.default": T.amax, "aten.min.default": T.amin,
     "aten.max.dim": T.max_dim, "aten.min.dim": T.min_dim, "aten.argmax.default": T.argmax,
     "aten.argmin.default": T.argmin, "aten.var.correction": T.var, "aten.std.correction": T.std,
+    "aten.var_mean.correction": T.var_mean,
     "aten.any.default": T.any_, "aten.any.dim": T.any_, "aten.any.dims": T.any_,
     "aten.all.default": T.all_, "aten.all.dim": T.all_, "aten.all.dims": T.all_,
     "aten.logsumexp.default": T.logsumexp, "aten.cumsum.default": T.cumsum, "aten.cumprod.default": T.cumprod,
@@ -101,6 +103,7 @@ OPS = {
     "aten.linear.default": N.linear, "aten.matmul.default": N.matmul, "aten.mm.default": N.matmul,
     "aten.bmm.default": N.matmul, "aten.mv.default": N.matmul, "aten.dot.default": N.matmul,
     "aten.addmm.default": N.addmm, "aten.baddbmm.default": N.addmm, "aten.einsum.default": N.einsum,
+    "aten._cdist_forward.default": N.cdist,
     # convolution, pooling, interpolation
     "aten.convolution.default": N.convolution, "aten.avg_pool2d.default": N.avg_pool,
     "aten.max_pool2d_with_indices.default": N.max_pool_with_indices,
@@ -111,6 +114,7 @@ OPS = {
     "aten.layer_norm.default": N.layer_norm, "aten.native_layer_norm.default": N.native_layer_norm,
     "aten.group_norm.default": N.group_norm, "aten.rms_norm.default": N.rms_norm,
     "aten._native_batch_norm_legit_no_training.default": N.batch_norm_inference,
+    "aten._native_batch_norm_legit.no_stats": N.batch_norm_batch_stats,
     "aten.softmax.int": N.softmax, "aten._softmax.default": N.softmax,
     "aten.log_softmax.int": N.log_softmax, "aten._log_softmax.default": N.log_softmax,
     "aten.scaled_dot_product_attention.default": N.scaled_dot_product_attention,
