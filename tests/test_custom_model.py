@@ -84,6 +84,12 @@ def test_tutorial_logits_match_torch(tutorial):
     assert err <= tol("float32", "logits")
 
 
+def test_tutorial_autoported_bridge_matches_torch(tutorial):
+    """The last section swaps the resampler component for an auto-port of the torch bridge."""
+    assert tutorial["ported_vlm"].cfg.projector_type == "autoport"
+    assert np.abs(tutorial["ported_logits"] - tutorial["ref"].numpy()).max() <= tol("float32", "logits")
+
+
 def test_tutorial_greedy_matches_torch_loop(tutorial):
     model, torch_model, image = tutorial["model"], tutorial["torch_model"], tutorial["image"]
     prompt = "Describe the image."
