@@ -116,7 +116,7 @@ def _load_into(module, arrays: dict, spec: AutoportSpec) -> None:
     import torch
 
     floating = lambda a: a.dtype.kind in "fV"  # ml_dtypes' bfloat16 is kind "V"
-    state = {k: torch.from_numpy(np.asarray(a, np.float32) if floating(a) else np.asarray(a)) for k, a in arrays.items()}
+    state = {k: torch.from_numpy(np.array(a, np.float32) if floating(a) else np.array(a)) for k, a in arrays.items()}
     module.float()  # ported in float32; the rules write the checkpoint's values at --dtype
     try:
         module.load_state_dict(state, strict=True)

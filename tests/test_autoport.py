@@ -146,7 +146,8 @@ def test_op_zoo_two_shapes():
         module.bn.running_var.uniform_(0.5, 2.0)
     torch.manual_seed(6)
     H, W, K = Dim("H", min=5, max=64), Dim("W", min=5, max=64), Dim("K", min=1, max=8)
-    sets = [(torch.randn(2, 4, 6, 8), torch.randint(0, 2, (2, 3))), (torch.randn(3, 4, 10, 6), torch.randint(0, 3, (3, 5)))]
+    sets = [(torch.randn(2, 4, 6, 8), torch.randint(0, 2, (2, 3))),
+            (torch.randn(3, 4, 10, 6), torch.randint(0, 3, (3, 5)))]
     dyn = {"x": {0: B, 2: H, 3: W}, "idx": {0: B, 1: K}}
     _dims_vary(sets, dyn, ["x", "idx"])
     ported, _ = port_and_compare(module, sets, dyn)

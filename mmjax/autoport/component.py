@@ -94,7 +94,8 @@ class AutoportVisionConfig(ConfigBase):
     def __post_init__(self):
         graph = _init_port(self, "vision")
         if graph is None:
-            return _need(self, "vision", ("image_size", "num_channels", "width", "num_features"))
+            _need(self, "vision", ("image_size", "num_channels", "width", "num_features"))
+            return
         shape = graph.inputs[0]["shape"]
         if len(shape) != 4:
             raise ValueError(f"autoport vision ({graph.module}): the port's input {graph.inputs[0]['name']} is "

@@ -13,7 +13,6 @@ import base64
 import inspect
 import os
 import warnings
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -58,8 +57,9 @@ def autoport(module, example_args, dynamic_shapes=None, *, check: bool = True):
             ep = ep.run_decompositions(_decompositions())
             want = module(*args) if check else None
     except Exception as e:
-        first = "\n".join(str(e).strip().splitlines()[:6])
-        raise AutoportError(f"autoport({type(module).__name__}): torch.export failed: {type(e).__name__}: {first}") from e
+        first = "\n".join(str(e).strip().splitlines()[:12])  # keeps torch's "Suggested fixes"
+        raise AutoportError(f"autoport({type(module).__name__}): torch.export failed: {type(e).__name__}: "
+                            f"{first}") from e
     finally:
         module.train(was_training)
     graph, params = _to_graph(ep, type(module).__name__, _dim_names(module, args, dynamic_shapes))

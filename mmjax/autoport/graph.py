@@ -145,7 +145,8 @@ class Graph:
         for node in data["nodes"]:
             if node["op"] not in OPS:
                 unknown.append(f"{node['op']} (node {node['name']!r})")
-            cls._check_refs([node["args"], list(node["kwargs"].values())], known, data, f"{where}: node {node['name']!r}")
+            where_node = f"{where}: node {node['name']!r}"
+            cls._check_refs([node["args"], list(node["kwargs"].values())], known, data, where_node)
             known.add(node["name"])
         if unknown:
             raise LoadError(f"{where}: ops this mmjax has no lowering for (saved by a newer mmjax?): "

@@ -88,7 +88,8 @@ def convolution(x, weight, bias, stride, padding, dilation, transposed, output_p
         # A transposed conv is the conv of the stride-dilated input with the flipped kernel,
         # its in/out channels swapped within each group.
         cin, cout_g, k = weight.shape[0], weight.shape[1], weight.shape[2:]
-        w = weight.reshape((groups, cin // groups, cout_g) + k).swapaxes(1, 2).reshape((groups * cout_g, cin // groups) + k)
+        w = weight.reshape((groups, cin // groups, cout_g) + k).swapaxes(1, 2)
+        w = w.reshape((groups * cout_g, cin // groups) + k)
         w = jnp.flip(w, axis=tuple(range(2, 2 + n)))
         out_pad = _per_dim(output_padding, n)
         pads = [(d * (kk - 1) - p, d * (kk - 1) - p + op) for kk, p, d, op in zip(k, padding, dilation, out_pad)]

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
