@@ -11,7 +11,9 @@ auto-port tests (tests/test_autoport*.py) port each and compare with torch.
   EinsumViTBlock     pre-LN ViT block: q/k/v from one einsum against a [3, N, H, D] weight,
                      F.scaled_dot_product_attention, output einsum, optional layer scale
   Tower              patch conv (no bias), learned positions, EinsumViTBlocks with layer scale,
-                     final RMSNorm: the vision side of tests/autoport_vlm.py
+                     final RMSNorm
+  TowerVLM           AcmeVLM (tests/custom_vlm) with Tower as its vision tower; its mmjax port
+                     is tests/autoport_vlm.py
   OpZoo              many table entries at once (pooling, interpolation, pads, indexing, ...)
   GridSampleHead     uses F.grid_sample, which the op table does not have
   FFTTower           Tower reading torch.fft.fft2 first (no lowering either)
@@ -23,6 +25,9 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from tests.autoport_vlm import TOWER_KWARGS
+from tests.custom_vlm.torch_model import ACME_CONFIG, AcmeVLM
 
 
 class LatentResampler(nn.Module):
@@ -129,6 +134,17 @@ class Tower(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+
+class TowerVLM(AcmeVLM):
+    def __init__(self, c=ACME_CONFIG):
+        super().__init__(c)
+        self.vis = Tower(**TOWER_KWARGS)
+
+
+def build_tower_vlm(seed: int = 0) -> TowerVLM:
+    torch.manual_seed(seed)
+    return randomize(TowerVLM(), seed)
 
 
 class OpZoo(nn.Module):

@@ -1,36 +1,20 @@
-"""TowerVLM: AcmeVLM (tests/custom_vlm) with its vision tower replaced by tests.autoport_parts.Tower
-(einsum q/k/v, scaled_dot_product_attention, layer scale, RMSNorm: nothing mmjax's `vit`
-component has), and its mmjax port: the tower is an "autoport" vision component that the
-converter fills with `--autoport 'vis.=tests.autoport_parts:Tower(...)'`; the rest is AcmeVLM's
-spec and rules, unchanged.
+"""The mmjax port of TowerVLM (tests/autoport_parts.py: AcmeVLM with a vision tower no mmjax
+component has): AcmeVLM's spec and rules, with an "autoport" vision component that the
+converter fills with `--autoport 'vis.=tests.autoport_parts:Tower(...)'`.
+
+Nothing here imports torch: a converted TowerVLM loads and generates without it.
 """
 from __future__ import annotations
-
-import torch
 
 from converters.families import register_rules
 from mmjax.families.composed import composed_family
 from mmjax.models.composed import ComposedConfig
 from mmjax.registry import register
-from tests.autoport_parts import Tower, randomize
 from tests.custom_vlm.port import config_from_acme
 from tests.custom_vlm.rules import RULES as ACME_RULES
-from tests.custom_vlm.torch_model import ACME_CONFIG, AcmeVLM
 
-TOWER_KWARGS = {"width": ACME_CONFIG["vis_width"], "depth": 2, "heads": 4, "mlp": 64, "patch": ACME_CONFIG["patch"],
-                "image_size": ACME_CONFIG["image_size"]}
+TOWER_KWARGS = {"width": 32, "depth": 2, "heads": 4, "mlp": 64, "patch": 8, "image_size": 32}  # AcmeVLM's sizes
 AUTOPORT_FLAG = "vis.=tests.autoport_parts:Tower(" + ", ".join(f"{k}={v}" for k, v in TOWER_KWARGS.items()) + ")"
-
-
-class TowerVLM(AcmeVLM):
-    def __init__(self, c=ACME_CONFIG):
-        super().__init__(c)
-        self.vis = Tower(**TOWER_KWARGS)
-
-
-def build_tower_vlm(seed: int = 0) -> TowerVLM:
-    torch.manual_seed(seed)
-    return randomize(TowerVLM(), seed)
 
 
 def config_from_tower_vlm(c: dict) -> ComposedConfig:

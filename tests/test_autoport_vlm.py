@@ -1,6 +1,7 @@
 """A whole auto-ported vision tower as the vision side of a composed VLM, end to end.
 
-TowerVLM (tests/autoport_vlm.py) is AcmeVLM with a vision tower mmjax has no component for.
+TowerVLM (tests/autoport_parts.py) is AcmeVLM with a vision tower mmjax has no component for;
+tests/autoport_vlm.py is its port.
 The converter ports it from the checkpoint's own tensors (`--autoport 'vis.=pkg:Tower(...)'`),
 the rest goes through AcmeVLM's rules; mmjax.load and mmjax.generate then run it with the KV
 cache and buckets, and 32 greedy tokens equal a torch greedy loop over the same torch model.
@@ -8,7 +9,10 @@ cache and buckets, and 32 greedy tokens equal a torch greedy loop over the same 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,11 +22,13 @@ from PIL import Image
 
 import mmjax
 from converters.torch2flax import main as convert_cli
-from tests.autoport_vlm import AUTOPORT_FLAG, FAMILY, build_tower_vlm
+from tests.autoport_parts import build_tower_vlm
+from tests.autoport_vlm import AUTOPORT_FLAG, FAMILY
 from tests.custom_vlm.checkpoint import save_acme_checkpoint
 from tests.tolerances import tol
 
 MODEL = "tests.autoport_vlm:FAMILY"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +93,28 @@ def test_greedy_32_tokens_match_a_torch_loop(tower_vlm):
             ids = torch.cat([ids, torch.tensor([[ref[-1]]])], dim=1)
     print("TowerVLM greedy:", out.token_ids)
     assert out.token_ids == ref and len(set(ref)) > 3
+
+
+_GENERATE_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # `import torch` raises ImportError from here on
+import json
+import numpy as np
+from PIL import Image
+import mmjax
+model = mmjax.load(sys.argv[1])  # imports tests.autoport_vlm (the family): no torch there either
+image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+out = mmjax.generate(model, image, "Describe the image.", max_new_tokens=8, min_new_tokens=8)
+print(json.dumps(out.token_ids))
+"""
+
+
+def test_converted_model_loads_and_generates_without_torch(tower_vlm):
+    run = subprocess.run([sys.executable, "-c", _GENERATE_WITHOUT_TORCH, tower_vlm.root / "flax"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    want = mmjax.generate(tower_vlm.model, tower_vlm.image, "Describe the image.", max_new_tokens=8, min_new_tokens=8)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == want.token_ids
 
 
 def test_converter_flag_mistakes_are_named_and_write_nothing(tower_vlm, tmp_path, capsys):
