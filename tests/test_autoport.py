@@ -156,20 +156,26 @@ def test_op_zoo_two_shapes():
 
 
 def test_bf16_within_the_bf16_row():
-    """An fp32 export run with bf16 params and inputs, against the torch module in bf16. The
-    outputs reach |x| ~ 3 (bf16 ulp 0.0156 there), the scale of tolerances.py's "hidden" entry."""
+    """An fp32 export run with bf16 params and inputs, and (the tower) a module exported in bf16,
+    against the torch module in bf16. The outputs reach |x| ~ 3 (bf16 ulp 0.0156 there), the
+    scale of tolerances.py's "hidden" entry."""
     torch.manual_seed(7)
     for module, args in ((randomize(Tower()), (torch.randn(2, 3, 32, 32),)),
                          (randomize(LatentResampler()), (torch.randn(2, 16, 32),)),
                          (randomize(ConvStem()), (torch.randn(2, 3, 16, 16),))):
-        ported = mmjax.autoport(module, args).astype(jnp.bfloat16)
+        bf16_module, bf16_args = copy.deepcopy(module).to(torch.bfloat16), [a.to(torch.bfloat16) for a in args]
         with torch.no_grad():
-            want = copy.deepcopy(module).to(torch.bfloat16)(*[a.to(torch.bfloat16) for a in args]).float().numpy()
-        got = jax.jit(ported.apply)(ported.params, *[jnp.asarray(a.numpy(), jnp.bfloat16) for a in args])
-        assert got.dtype == jnp.bfloat16
-        err = float(np.abs(np.asarray(got, np.float32) - want).max())
-        print(f"{type(module).__name__} bf16 max |Δ| = {err:.3g} at max |x| = {np.abs(want).max():.2f}")
-        assert err <= tol("bfloat16", "hidden")
+            want = bf16_module(*bf16_args).float().numpy()
+        ports = [mmjax.autoport(module, args).astype(jnp.bfloat16)]
+        if isinstance(module, Tower):
+            ports.append(mmjax.autoport(bf16_module, tuple(bf16_args)))
+        for ported in ports:
+            got = jax.jit(ported.apply)(ported.params, *[jnp.asarray(a.numpy(), jnp.bfloat16) for a in args])
+            assert got.dtype == jnp.bfloat16
+            err = float(np.abs(np.asarray(got, np.float32) - want).max())
+            print(f"{type(module).__name__} ({ported.graph.inputs[0]['dtype']} export) bf16 max |Δ| = {err:.3g} "
+                  f"at max |x| = {np.abs(want).max():.2f}")
+            assert err <= tol("bfloat16", "hidden")
 
 
 def test_unknown_op_names_op_node_and_source_line(tmp_path):
