@@ -2,6 +2,7 @@
 
     python -m converters.torch2flax CKPT --out OUT [--dtype bfloat16] [--dry-run] [--overwrite]
                                     [--model pkg.mod:FAMILY] [--rules my_rules.py] [--strict]
+                                    [--autoport [KIND:]PREFIX=pkg.mod:Class(k=v)]
 
 Flow: CKPT/config.json -> family (--model, else registry.get(config["model_type"])) ->
 cfg = family.config_from_hf(config) -> target parameter shapes (model_param_shapes, nothing
@@ -123,14 +124,16 @@ def _family(model, hf_config: dict, ckpt: str) -> registry.Family:
 
 
 def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, model=None, rules=None,
-            strict: bool = False, dry_run: bool = False, progress: bool = True) -> Summary:
+            strict: bool = False, dry_run: bool = False, progress: bool = True, autoport=()) -> Summary:
     """Convert checkpoint folder `ckpt` into mmjax folder `out`; returns a Summary.
 
     model: "pkg.mod:FAMILY", a registered name, or a Family (default: config.json's model_type).
     rules: list of Rule, callable cfg -> list, or a rules .py file (default: the family's registered rules, converters.families).
     dtype: "float32" / "bfloat16" for floating params (None keeps the checkpoint's dtypes).
     strict: NaN/Inf in any converted parameter is an error (otherwise a warning).
-    dry_run: build and check the plan, fill Summary.table, write nothing."""
+    dry_run: build and check the plan, fill Summary.table, write nothing.
+    autoport: "[KIND:]PREFIX=pkg.mod:Class(k=v)" entries: that prefix is a torch module, ported with
+    mmjax.autoport into the composed model's "autoport" component (converters/autoport.py)."""
     t0 = time.perf_counter()
     ckpt = os.path.abspath(os.fspath(ckpt))
     if not os.path.isdir(ckpt):
@@ -152,13 +155,18 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
     except Exception as e:
         raise CheckpointError(f"{os.path.join(ckpt, 'config.json')}: family {family.name!r} cannot read it: "
                               f"{type(e).__name__}: {e}") from e
+    ported_rules = []
+    if autoport:
+        from converters.autoport import port_prefixes
+
+        cfg, ported_rules = port_prefixes(cfg, autoport, ckpt)
     targets = model_param_shapes(family, cfg)
     if rules is None:
         rules = family_rules(family.name)
         if rules is None:
             raise ConversionError(f"family {family.name!r} has no registered converter rules: pass --rules "
                                   "my_rules.py, or call converters.families.register_rules in the family's module")
-    rule_list = load_rules(rules, cfg)
+    rule_list = load_rules(rules, cfg) + ported_rules
 
     with open_checkpoint(ckpt) as reader:
         plan = build_plan(reader.tensors(), rule_list, targets)
@@ -179,7 +187,8 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
     else:
         rules_origin = "custom" if rules is not None else f"family {family.name}"
     source = {"path": ckpt, "format": reader.format, "files": [os.path.relpath(p, ckpt) for p in reader.paths],
-              "model_type": hf_config.get("model_type"), "rules": rules_origin}
+              "model_type": hf_config.get("model_type"), "rules": rules_origin,
+              **({"autoport": [str(a) for a in autoport]} if autoport else {})}
     # A custom family is found again at load time through the spec it was converted with.
     spec = model if isinstance(model, str) and ":" in model else None
     with staged_output(out, overwrite) as tmp:
@@ -228,12 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rules", help="python file whose RULES (list of Rule, or cfg -> list) replaces the family's rules")
     p.add_argument("--strict", action="store_true", help="NaN/Inf in a converted parameter is an error, not a warning")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--autoport", action="append", default=[], metavar="[KIND:]PREFIX=pkg.mod:Class(k=v)",
+                   help="the checkpoint's PREFIX* tensors are this torch module: port it with mmjax.autoport into "
+                        "the model's 'autoport' component (repeatable; docs/autoport.md)")
     a = p.parse_args(argv)
     if a.out is None and not a.dry_run:
         p.error("--out is required (unless --dry-run)")
     try:
         s = convert(a.ckpt, a.out, dtype=a.dtype, overwrite=a.overwrite, model=a.model, rules=a.rules,
-                    strict=a.strict, dry_run=a.dry_run, progress=not a.quiet)
+                    strict=a.strict, dry_run=a.dry_run, progress=not a.quiet, autoport=a.autoport)
     except MmjaxError as e:
         partial = getattr(e, "partial_plan", None)
         if a.dry_run and partial is not None:  # what did map, so the missing rules are easy to write

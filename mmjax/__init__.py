@@ -5,6 +5,7 @@
 """
 from mmjax.api import GenerationOutput, Model, forward, generate, load
 from mmjax.encode import encode
+from mmjax import autoport  # callable: mmjax.autoport(torch_module, args); imports no torch
 
-__all__ = ["load", "forward", "generate", "encode", "Model", "GenerationOutput"]
+__all__ = ["load", "forward", "generate", "encode", "autoport", "Model", "GenerationOutput"]
 __version__ = "0.1.0"

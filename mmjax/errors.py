@@ -24,3 +24,8 @@ class LoadError(MmjaxError, ValueError):
 
 class InputError(MmjaxError, ValueError):
     """A generation input (image, prompt, sampling parameter) is invalid."""
+
+
+class AutoportError(MmjaxError, ValueError):
+    """A torch module cannot be auto-ported (mmjax.autoport): torch.export failed, an op has no
+    JAX lowering, or a port does not fit the inputs it is given."""

@@ -84,6 +84,12 @@ def test_tutorial_logits_match_torch(tutorial):
     assert err <= tol("float32", "logits")
 
 
+def test_tutorial_autoported_bridge_matches_torch(tutorial):
+    """The last section swaps the resampler component for an auto-port of the torch bridge."""
+    assert tutorial["ported_vlm"].cfg.projector_type == "autoport"
+    assert np.abs(tutorial["ported_logits"] - tutorial["ref"].numpy()).max() <= tol("float32", "logits")
+
+
 def test_tutorial_greedy_matches_torch_loop(tutorial):
     model, torch_model, image = tutorial["model"], tutorial["torch_model"], tutorial["image"]
     prompt = "Describe the image."
@@ -180,8 +186,8 @@ def test_composed_config_round_trips_and_names_mistakes(tutorial):
     cfg = tutorial["cfg"]
     assert ComposedConfig.from_dict(dataclasses.asdict(cfg)) == cfg == ComposedConfig.from_spec(cfg.to_spec())
     spec = cfg.to_spec()
-    with pytest.raises(ValueError, match=r"unknown projector component 'perceiver'; registered: identity, linear, mlp, "
-                                         r"pixel_shuffle, resampler"):
+    with pytest.raises(ValueError, match=r"unknown projector component 'perceiver'; registered: autoport, identity, "
+                                         r"linear, mlp, pixel_shuffle, resampler"):
         ComposedConfig.from_spec({**spec, "projector": {**spec["projector"], "type": "perceiver"}})
     with pytest.raises(ValueError, match=r"projector.out_features 32 != decoder.hidden_size 64"):
         ComposedConfig.from_spec({**spec, "projector": {**spec["projector"], "out_features": 32}})
