@@ -23,6 +23,7 @@ import torch
 from torch.export import Dim
 
 import mmjax
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.autoport.graph import eval_dim
 from mmjax.errors import AutoportError, LoadError
 from tests.autoport_parts import (AttentionPool, ConvStem, EinsumViTBlock, GatedCrossAttention, GridSampleHead,
@@ -132,7 +133,7 @@ def test_vision_tower_and_its_attention_kernel_choice():
     sets = [(torch.randn(2, 3, 32, 32),), (torch.randn(5, 3, 32, 32),)]
     ported, _ = port_and_compare(tower, sets, {"pixels": {0: B}})
     # the attention implementation is the port's setting, passed to mmjax.kernels.attention
-    pallas = jax.jit(dataclasses.replace(ported, attention_impl="pallas").apply)
+    pallas = jax.jit(dataclasses.replace(ported, kernels=KernelPolicy(attention_cpu="pallas")).apply)
     with torch.no_grad():
         want = tower(sets[0][0]).numpy()
     assert np.abs(np.asarray(pallas(ported.params, sets[0][0].numpy())) - want).max() <= FP32

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.autoport.graph import Graph, bind_dims, eval_dim, run
 from mmjax.autoport.ported import nest, read_graph
 from mmjax.components import register_component
@@ -88,7 +89,7 @@ class AutoportVisionConfig(ConfigBase):
     num_channels: int | None = None  # C
     width: int | None = None  # Dv
     num_features: int | None = None  # P
-    attention_impl: str = "auto"
+    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
     graph: dict | None = _graph_field()
 
     def __post_init__(self):
@@ -119,7 +120,7 @@ class AutoportProjectorConfig(ConfigBase):
     out_features: int  # D
     path: str | None = None
     num_queries: int | None = None  # Q when it does not follow P (a resampler); needed without a port
-    attention_impl: str = "auto"
+    kernels: KernelPolicy = KernelPolicy()
     graph: dict | None = _graph_field()
 
     def __post_init__(self):
@@ -160,7 +161,7 @@ class AutoportComponent(nn.Module):
             params.update(_dotted(top, value))
         if jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(self.dtype)
-        return run(graph, params, (x,), attention_impl=self.cfg.attention_impl)
+        return run(graph, params, (x,), kernels=self.cfg.kernels)
 
 
 def _dotted(prefix: str, tree) -> dict:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.autoport.table import CONTEXT, OPS
 from mmjax.errors import AutoportError, LoadError
 
@@ -213,7 +214,7 @@ class Graph:
 # ------------------------------------------------------------------ the interpreter
 
 
-def run(graph: Graph, params: Mapping[str, Any], args, *, attention_impl: str = "auto"):
+def run(graph: Graph, params: Mapping[str, Any], args, *, kernels: KernelPolicy = KernelPolicy()):
     """Evaluate the graph on jax arrays: params by state_dict name, args in the inputs' order.
     Traced under jax.jit, this is the ported module's JAX function."""
     if len(args) != len(graph.inputs):
@@ -245,7 +246,7 @@ def run(graph: Graph, params: Mapping[str, Any], args, *, attention_impl: str = 
 
     for node in graph.nodes:
         fn = OPS[node["op"]]
-        extra = {"attention_impl": attention_impl} if node["op"] in CONTEXT else {}
+        extra = {"kernels": kernels} if node["op"] in CONTEXT else {}
         try:
             kwargs = {k: value(v) for k, v in node["kwargs"].items()}
             out = fn(*value(node["args"]), **kwargs, **extra)

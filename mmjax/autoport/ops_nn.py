@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.errors import AutoportError
 from mmjax.kernels.attention import MaskSpec, attention
 
@@ -244,7 +245,7 @@ def log_softmax(x, dim, dtype=None):
 
 
 def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, attention_impl="auto"):
+                                 enable_gqa=False, *, kernels=KernelPolicy()):
     """q [.., N, L, E], k [.., K, S, E], v [.., K, S, Ev] -> [.., N, L, Ev] (torch's layout).
 
     Without an attn_mask (what a ViT block or a resampler passes) this is mmjax's own
@@ -264,7 +265,7 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_caus
             # bf16 attention in float32 too, so upcast here and round the output once.
             q, k, v = (t.astype(F32) for t in (q, k, v))
         to_blne = lambda t: t.reshape((-1,) + t.shape[-3:]).swapaxes(1, 2)  # [.., N, L, E] -> [B, L, N, E]
-        out = attention(to_blne(q), to_blne(k), to_blne(v), MaskSpec(causal=is_causal), impl=attention_impl,
+        out = attention(to_blne(q), to_blne(k), to_blne(v), MaskSpec(causal=is_causal), kernels=kernels,
                         scale=scale)  # [B, L, N, E]
         return out.swapaxes(1, 2).reshape(q.shape).astype(dtype)
     return sdpa_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa)

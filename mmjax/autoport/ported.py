@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.autoport.graph import Graph, kind, run, to_dtype
 from mmjax.errors import LoadError
 
@@ -30,11 +31,11 @@ PARAMS_FILE = "params.safetensors"
 class Ported:
     graph: Graph
     params: dict[str, Any]  # state_dict name -> array
-    attention_impl: str = "auto"  # mmjax.kernels.attention's impl for scaled_dot_product_attention
+    kernels: KernelPolicy = KernelPolicy()  # for scaled_dot_product_attention (mmjax.kernels.attention)
 
     def apply(self, params, *args):
         """The JAX function: params (by state_dict name) and the forward's inputs -> its outputs."""
-        return run(self.graph, params, args, attention_impl=self.attention_impl)
+        return run(self.graph, params, args, kernels=self.kernels)
 
     def __call__(self, *args):
         return self.apply(self.params, *args)

@@ -8,7 +8,7 @@ small. An op missing here is refused when porting (mmjax.errors.AutoportError na
 its node and the user's source line) and when loading a saved port.
 
 Functions take the node's arguments in ATen schema order (mmjax.autoport.ops_tensor /
-ops_nn); ops in CONTEXT also get the port's settings as keywords (attention_impl).
+ops_nn); ops in CONTEXT also get the port's settings as keywords (kernels: the KernelPolicy).
 """
 from __future__ import annotations
 
