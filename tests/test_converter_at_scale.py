@@ -192,8 +192,10 @@ def test_convert_2gb_checkpoint_in_bounded_memory_and_time(tmp_path_factory):
         print(json.dumps(report))  # pytest -s shows the measured numbers
         assert res["bytes"] > total - (1 << 20), report  # all but a few dropped vision tensors
         assert above <= bound, report
-        # 2x is the goal (see docs/converters.md for what bounds it here); a loaded machine gets slack
-        assert res["seconds"] <= 8 * copy_s + 10, report
+        # The goal is 2x; the transposes and the hashing the copy does not do bound it (0.9-2.3x
+        # measured on the shared 2-core box, docs/converters.md). The bound leaves room for an idle
+        # machine, where the copy gains most; the old converter took 55 s here.
+        assert res["seconds"] <= 6 * copy_s + 5, report
         manifest = json.loads((out / "params" / "params_manifest.json").read_text())
         assert len(manifest["params"]) == res["arrays"]
         assert manifest["params"]["decoder/lm_head/kernel"]["shape"] == [HIDDEN, VOCAB]
