@@ -398,9 +398,13 @@ def verify_params(path: str | os.PathLike) -> int:
     Reads the stored bytes on the host, a chunk (CHUNK_BYTES at most) at a time, whatever the
     mesh a load will use: memory stays at a few chunks, far below the load's own peak. Raises LoadError
     naming the first parameter that cannot be read or whose bytes changed."""
+    path = os.path.abspath(os.fspath(path))
+    return _verify(path, _flat(param_shapes(path)))
+
+
+def _verify(path: str, stored: Mapping[str, Any]) -> int:
     import tensorstore as ts
 
-    path = os.path.abspath(os.fspath(path))
     file = os.path.join(path, MANIFEST)
     if not os.path.exists(file):
         return 0
@@ -410,7 +414,6 @@ def verify_params(path: str | os.PathLike) -> int:
         entries = {n: (str(e["dtype"]), tuple(e["shape"]), int(e[HASH], 16)) for n, e in entries.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise LoadError(f"{file}: unreadable ({type(e).__name__}: {e}); mmjax.load(..., verify=False) skips the check") from None
-    stored = _flat(param_shapes(path))
     problems = [f"{n}: in the checkpoint, not in {MANIFEST}" for n in stored if n not in entries]
     problems += [f"{n}: in {MANIFEST}, not in the checkpoint" for n in entries if n not in stored]
     problems += [f"{n}: {MANIFEST} records {entries[n][0]} {entries[n][1]}, the checkpoint has "
@@ -419,7 +422,7 @@ def verify_params(path: str | os.PathLike) -> int:
     if problems:
         raise LoadError(f"{path}: parameters do not match {MANIFEST}:\n  " + "\n  ".join(problems))
     ctx = ts.Context(_CONTEXT)
-    for name, (_, shape, want) in entries.items():
+    for name, (_, _, want) in entries.items():
         try:
             crc = _read_crc(ctx, path, name)
         except Exception as e:
@@ -467,7 +470,7 @@ def restore_params(path: str | os.PathLike, target: Mapping[str, Any] | None = N
         if problems:
             raise LoadError(f"{path}: parameters do not match the model:\n  " + "\n  ".join(problems))
     if verify:
-        verify_params(path)
+        _verify(path, stored)
     ck = _checkpointer()
     try:
         return ck.restore(path, target)
