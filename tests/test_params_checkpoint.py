@@ -19,7 +19,7 @@ import pytest
 
 import mmjax
 import mmjax.checkpoint as C
-from mmjax.checkpoint import MANIFEST, param_shapes, restore_params, save_params, verify_params
+from mmjax.checkpoint import MANIFEST, restore_params, save_params, verify_params
 from mmjax.errors import LoadError
 from mmjax.tree import flatten_params
 
