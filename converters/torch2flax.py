@@ -1,14 +1,15 @@
 """Convert a PyTorch / HF checkpoint folder into an mmjax model folder.
 
-    python -m converters.torch2flax CKPT --out OUT [--dtype bfloat16] [--dry-run] [--overwrite]
+    python -m converters.torch2flax CKPT [--out OUT] [--dtype bfloat16] [--dry-run] [--overwrite]
                                     [--model pkg.mod:FAMILY] [--rules my_rules.py] [--strict]
                                     [--autoport [KIND:]PREFIX=pkg.mod:Class(k=v)]
 
 Flow: CKPT/config.json -> family (--model, else registry.get(config["model_type"])) ->
 cfg = family.config_from_hf(config) -> target parameter shapes (model_param_shapes, nothing
 allocated) -> rules (converters.families.rules_for(family), or RULES of a --rules file) -> build_plan (every tensor
-and every parameter checked before any data is read) -> execute, one source tensor at a time ->
-optional NaN/Inf check -> atomic write of OUT (converters.writer).
+and every parameter checked before any data is read) -> one step at a time: read, transform,
+NaN/Inf check, write (mmjax.checkpoint.save_params streams) -> OUT renamed into place
+(converters.writer). OUT defaults to CKPT-flax beside CKPT.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from mmjax import registry
 from mmjax.errors import CheckpointError, ConversionError, MmjaxError
 from mmjax.jsonfile import read_json
 
-__all__ = ["convert", "main", "model_param_shapes", "load_rules", "Summary"]
+__all__ = ["convert", "main", "model_param_shapes", "load_rules", "default_out", "Summary"]
 
 DTYPES = ("float32", "bfloat16")
 
@@ -123,9 +124,15 @@ def _family(model, hf_config: dict, ckpt: str) -> registry.Family:
     return registry.get(mt)
 
 
+def default_out(ckpt) -> str:
+    """Where a conversion of `ckpt` goes without an explicit output: CKPT-flax beside it."""
+    return os.path.abspath(os.fspath(ckpt)).rstrip(os.sep) + "-flax"
+
+
 def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, model=None, rules=None,
             strict: bool = False, dry_run: bool = False, progress: bool = True, autoport=()) -> Summary:
-    """Convert checkpoint folder `ckpt` into mmjax folder `out`; returns a Summary.
+    """Convert checkpoint folder `ckpt` into mmjax folder `out` (default: default_out(ckpt),
+    CKPT-flax beside it); returns a Summary.
 
     model: "pkg.mod:FAMILY", a registered name, or a Family (default: config.json's model_type).
     rules: list of Rule, callable cfg -> list, or a rules .py file (default: the family's registered rules, converters.families).
@@ -133,17 +140,18 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
     strict: NaN/Inf in any converted parameter is an error (otherwise a warning).
     dry_run: build and check the plan, fill Summary.table, write nothing.
     autoport: "[KIND:]PREFIX=pkg.mod:Class(k=v)" entries: that prefix is a torch module, ported with
-    mmjax.autoport into the composed model's "autoport" component (converters/autoport.py)."""
+    mmjax.autoport into the composed model's "autoport" component (converters/autoport.py).
+
+    Each parameter is written as soon as it is converted (mmjax.checkpoint.save_params), so
+    memory holds about one step's tensors, not the model."""
     t0 = time.perf_counter()
     ckpt = os.path.abspath(os.fspath(ckpt))
     if not os.path.isdir(ckpt):
         raise CheckpointError(f"{ckpt}: not a checkpoint folder")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if out is None and not dry_run:
-        raise ConversionError("no output folder given (--out)")
-    out = os.path.abspath(os.fspath(out)) if out is not None else None
-    if out is not None and not dry_run:
+    out = os.path.abspath(os.fspath(out)) if out is not None else default_out(ckpt)
+    if not dry_run:
         check_out(out, ckpt, overwrite)  # fail before any slow work
 
     hf_config = _read_config(ckpt)
@@ -168,47 +176,61 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
                                   "my_rules.py, or call converters.families.register_rules in the family's module")
     rule_list = load_rules(rules, cfg) + ported_rules
 
-    with open_checkpoint(ckpt) as reader:
-        plan = build_plan(reader.tensors(), rule_list, targets)
-        if dry_run:
-            return _summary(plan, family, out, dtype, t0, dry_run=True)
-        params = _execute(plan, reader, dtype, progress)
-
-    bad = nonfinite(flatten(params).items())
-    if bad:
-        lines = [f"{t} (from {', '.join(plan.origin[t][:2])}{', ...' if len(plan.origin[t]) > 2 else ''}): "
-                 f"{n} NaN, {i} Inf" for t, n, i in bad]
-        if strict:
-            raise CheckpointError(f"{ckpt}: non-finite values (--strict):\n  " + "\n  ".join(lines))
-        warnings.warn("non-finite values in converted parameters:\n  " + "\n  ".join(lines), stacklevel=2)
-
     if isinstance(rules, (str, os.PathLike)):
         rules_origin = os.path.abspath(os.fspath(rules))
     else:
         rules_origin = "custom" if rules is not None else f"family {family.name}"
-    source = {"path": ckpt, "format": reader.format, "files": [os.path.relpath(p, ckpt) for p in reader.paths],
-              "model_type": hf_config.get("model_type"), "rules": rules_origin,
-              **({"autoport": [str(a) for a in autoport]} if autoport else {})}
     # A custom family is found again at load time through the spec it was converted with.
     spec = model if isinstance(model, str) and ":" in model else None
-    with staged_output(out, overwrite) as tmp:
-        write_model_folder(tmp, params, family.name, cfg, ckpt, source, dtype, family_spec=spec)
-    summary = _summary(plan, family, out, dtype, t0, params=params)
+    with open_checkpoint(ckpt) as reader:
+        plan = build_plan(reader.tensors(), rule_list, targets)
+        if dry_run:
+            return _summary(plan, family, out, dtype, t0, dry_run=True)
+        source = {"path": ckpt, "format": reader.format, "files": [os.path.relpath(p, ckpt) for p in reader.paths],
+                  "model_type": hf_config.get("model_type"), "rules": rules_origin,
+                  **({"autoport": [str(a) for a in autoport]} if autoport else {})}
+        with _progress_bar(plan, progress) as bar, staged_output(out, overwrite) as tmp:
+            arrays = _Converted(plan.arrays(reader, dtype=dtype, progress=bar.update))
+            write_model_folder(tmp, arrays, family.name, cfg, ckpt, source, dtype, family_spec=spec)
+            bad = arrays.nonfinite
+            if bad and strict:  # raised inside staged_output: the folder written so far goes away
+                raise CheckpointError(f"{ckpt}: non-finite values (--strict):\n  " + _nonfinite_lines(plan, bad))
+    if bad:
+        warnings.warn("non-finite values in converted parameters:\n  " + _nonfinite_lines(plan, bad), stacklevel=2)
+    summary = _summary(plan, family, out, dtype, t0, converted=arrays)
     summary.nonfinite = bad
     return summary
 
 
-def _execute(plan: Plan, reader, dtype, progress: bool) -> dict:
+class _Converted:
+    """plan.arrays() on its way to the writer: counted, and checked for NaN/Inf one at a time."""
+
+    def __init__(self, arrays):
+        self._arrays = arrays
+        self.parameters = self.bytes = 0
+        self.nonfinite: list[tuple[str, int, int]] = []
+
+    def __iter__(self):
+        for target, a in self._arrays:
+            self.parameters, self.bytes = self.parameters + a.size, self.bytes + a.nbytes
+            self.nonfinite += nonfinite([(target, a)])
+            yield target, a
+
+
+def _nonfinite_lines(plan: Plan, bad) -> str:
+    return "\n  ".join(f"{t} (from {', '.join(plan.origin[t][:2])}{', ...' if len(plan.origin[t]) > 2 else ''}): "
+                       f"{n} NaN, {i} Inf" for t, n, i in bad)
+
+
+def _progress_bar(plan: Plan, progress: bool):
     from tqdm import tqdm
 
-    with tqdm(total=plan.num_sources, unit="tensor", desc="converting", disable=None if progress else True) as bar:
-        return plan.execute(reader, dtype=dtype, progress=bar.update)
+    return tqdm(total=plan.num_sources, unit="tensor", desc="converting", disable=None if progress else True)
 
 
-def _summary(plan: Plan, family, out, dtype, t0, params=None, dry_run=False) -> Summary:
-    if params is not None:
-        leaves = list(flatten(params).values())
-        n, nbytes = sum(a.size for a in leaves), sum(a.nbytes for a in leaves)
+def _summary(plan: Plan, family, out, dtype, t0, converted: _Converted | None = None, dry_run=False) -> Summary:
+    if converted is not None:
+        n, nbytes = converted.parameters, converted.bytes
     else:  # dry run: estimate at the output dtype (checkpoint dtype when dtype is None)
         n = nbytes = 0
         dt = resolve_dtype(dtype)
@@ -229,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "pytorch_model.bin loaded weights-only) into an mmjax model folder: an orbax "
                     "params checkpoint, mmjax_config.json and the tokenizer/processor files.")
     p.add_argument("ckpt", help="checkpoint folder with config.json and weights")
-    p.add_argument("--out", help="output folder (written atomically; required unless --dry-run)")
+    p.add_argument("--out", help="output folder, written atomically (default: CKPT-flax beside CKPT)")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of floating parameters (default: as in the checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
     p.add_argument("--dry-run", action="store_true", help="check every tensor and shape, print the mapping table, write nothing")
@@ -241,10 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the checkpoint's PREFIX* tensors are this torch module: port it with mmjax.autoport into "
                         "the model's 'autoport' component (repeatable; docs/autoport.md)")
     a = p.parse_args(argv)
-    if a.out is None and not a.dry_run:
-        p.error("--out is required (unless --dry-run)")
+    out = a.out if a.out is not None else default_out(a.ckpt)
     try:
-        s = convert(a.ckpt, a.out, dtype=a.dtype, overwrite=a.overwrite, model=a.model, rules=a.rules,
+        s = convert(a.ckpt, out, dtype=a.dtype, overwrite=a.overwrite, model=a.model, rules=a.rules,
                     strict=a.strict, dry_run=a.dry_run, progress=not a.quiet, autoport=a.autoport)
     except MmjaxError as e:
         partial = getattr(e, "partial_plan", None)
@@ -260,9 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if s.dry_run:
         print(s.table)
-        if a.out and os.path.lexists(a.out) and not a.overwrite:
-            print(f"note: {a.out} exists; a real run needs --overwrite", file=sys.stderr)
-    print(s.line())
+        if os.path.lexists(out) and not a.overwrite:
+            print(f"note: {out} exists; a real run needs --overwrite", file=sys.stderr)
+    print(s.line())  # ends with "-> OUT": where it went, also when OUT was the default
     return 0
 
 

@@ -1,6 +1,7 @@
 """Write a converted model folder atomically.
 
-    OUT/params/             orbax checkpoint of the params tree (mmjax.checkpoint.save_params)
+    OUT/params/             orbax-layout checkpoint of the params, written one parameter at a time
+                            as they arrive, + params_manifest.json (mmjax.checkpoint.save_params)
     OUT/mmjax_config.json   {"family", "config", "dtype", "mmjax_version", "source"[, "family_spec"]}
     OUT/source_config.json  the checkpoint's config.json, unchanged
     OUT/tokenizer.json ...  tokenizer / processor / generation files copied from the checkpoint
@@ -20,7 +21,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from mmjax.checkpoint import save_params
 from mmjax.errors import ConversionError
@@ -107,9 +108,11 @@ def _jsonable(x):
     return str(x)  # dtypes and enums: their name
 
 
-def write_model_folder(folder: str, params: Mapping[str, Any], family: str, cfg: Any, ckpt: str,
-                       source: dict, dtype: str | None, family_spec: str | None = None) -> list[str]:
-    """Fill `folder` (a fresh staging folder); returns the names of the files copied from ckpt."""
+def write_model_folder(folder: str, params: Mapping[str, Any] | Iterable[tuple[str, Any]], family: str, cfg: Any,
+                       ckpt: str, source: dict, dtype: str | None, family_spec: str | None = None) -> list[str]:
+    """Fill `folder` (a fresh staging folder); returns the names of the files copied from ckpt.
+
+    params: a nested dict of arrays, or (path, array) pairs consumed one at a time."""
     save_params(os.path.join(folder, "params"), params)
     if not dataclasses.is_dataclass(cfg):
         raise ConversionError(f"family {family!r}: config_from_hf returned a {type(cfg).__name__}, "

@@ -101,7 +101,7 @@ def _check_family_spec(path: str, spec) -> None:
 
 
 def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: Buckets | None = None,
-         kernels: KernelPolicy | None = None, compile_cache: bool | None = None) -> Model:
+         kernels: KernelPolicy | None = None, compile_cache: bool | None = None, verify: bool = True) -> Model:
     """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files.
 
     mesh: a jax Mesh or a spec such as "data:2,model:4" (docs/sharding.md); mm_encoder_tp_mode
@@ -109,7 +109,8 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
     the images instead (vLLM's mm_encoder_tp_mode).
     kernels: the KernelPolicy for every component (default: the one stored with the config); the
     MMJAX_CPU_GEMV / MMJAX_CPU_ATTENTION opt-outs apply on top, read here once (docs/kernels.md).
-    compile_cache: JAX's persistent compilation cache (default on; MMJAX_COMPILE_CACHE=0 turns it off)."""
+    compile_cache: JAX's persistent compilation cache (default on; MMJAX_COMPILE_CACHE=0 turns it off).
+    verify: check every parameter's bytes against params/params_manifest.json first (docs/converters.md)."""
     from mmjax import checkpoint, compile_cache as cc
     from mmjax.sharding.rules import ENCODER_MODES
 
@@ -163,7 +164,7 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
     if mesh is not None:  # each device reads only its own shards (docs/sharding.md)
         mesh = make_mesh(mesh)
         target = param_shardings(family, cfg, mesh, stored_tree, mm_encoder_tp_mode=mm_encoder_tp_mode)
-    params = checkpoint.restore_params(os.path.join(path, "params"), target)
+    params = checkpoint.restore_params(os.path.join(path, "params"), target, verify=verify)
     processor = family.processor(path, cfg) if family.processor is not None else None
     return Model(path, family, cfg, module, params, processor, dtype, buckets or DEFAULT_BUCKETS, mesh,
                  mm_encoder_tp_mode)
