@@ -258,12 +258,64 @@ def test_decode_range_matches_make_mask():
         np.testing.assert_array_equal(np.asarray(make_mask(mask, 1, 10))[:, 0, 0], want)
 
 
+def random_runs(rng, length, max_run, pad_frac=0.15):
+    """Segment ids [length]: runs of random lengths 1..max_run with distinct ids, some runs -1."""
+    out, i = [], 0
+    while len(out) < length:
+        n = int(rng.integers(1, max_run + 1))
+        out += [-1 if rng.random() < pad_frac else i] * n
+        i += 1
+    return np.array(out[:length], np.int32)
+
+
+def test_query_ranges_of_contiguous_segments_match_make_mask():
+    """Contiguous segments give each query its run intersected with every other term; 40 random
+    masks (runs of 1..12 with padding runs, causal or not, windows, key padding, offsets, prefixes)."""
+    rng = np.random.default_rng(0)
+    ranges = jax.jit(attention_module.query_ranges, static_argnums=(1, 2, 3))
+    for i in range(40):
+        B, T = 2, (5, 41)[i % 2]
+        kw = dict(causal=bool(rng.integers(2)))
+        if rng.integers(2):
+            kw["sliding_window"] = int(rng.integers(1, 10))
+        if rng.integers(2):
+            kw["kv_lengths"] = jnp.asarray(rng.integers(0, T + 1, B), jnp.int32)
+        if rng.integers(2):
+            kw["q_offset"] = jnp.asarray(rng.integers(0, 4, B), jnp.int32)
+        if kw["causal"] and rng.integers(2):
+            kw["prefix_lengths"] = jnp.asarray(rng.integers(0, T, B), jnp.int32)
+        seg = np.stack([random_runs(rng, T, 12), random_runs(rng, T, 12)])
+        mask = MaskSpec(q_segment_ids=jnp.asarray(seg), contiguous_segments=True, **kw)
+        start, end = ranges(mask, B, T, T)
+        kpos = np.arange(T)
+        got = (kpos >= np.asarray(start)[..., None]) & (kpos < np.asarray(end)[..., None])
+        np.testing.assert_array_equal(got, np.broadcast_to(np.asarray(make_mask(mask, T, T))[:, 0], (B, T, T)), str(kw))
+
+
+def test_contiguous_segments_are_checked():
+    seg = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(InputError, match="contiguous_segments=True needs q_segment_ids"):
+        MaskSpec(contiguous_segments=True)
+    with pytest.raises(InputError, match="contiguous_segments=True needs q_segment_ids and no kv_segment_ids"):
+        MaskSpec(q_segment_ids=seg, kv_segment_ids=seg, contiguous_segments=True)
+    with pytest.raises(InputError, match="max_segment_length=0 needs contiguous_segments=True"):
+        MaskSpec(q_segment_ids=seg, contiguous_segments=True, max_segment_length=0)
+    with pytest.raises(InputError, match="max_segment_length=4 needs contiguous_segments=True"):
+        MaskSpec(q_segment_ids=seg, max_segment_length=4)
+    with pytest.raises(InputError, match="query_ranges: segment ids that are not contiguous_segments"):
+        attention_module.query_ranges(MaskSpec(q_segment_ids=seg), 1, 4, 4)
+
+
 def test_mask_spec_is_a_pytree_with_static_flags():
     mask = MaskSpec(causal=True, kv_lengths=jnp.array([3]), sliding_window=4)
     leaves, treedef = jax.tree_util.tree_flatten(mask)
     assert len(leaves) == 1
     again = jax.tree_util.tree_unflatten(treedef, leaves)
     assert again.causal and again.sliding_window == 4 and again.bidirectional is False
+    packed = MaskSpec(causal=False, q_segment_ids=jnp.zeros((1, 4), jnp.int32), contiguous_segments=True,
+                      max_segment_length=4)
+    leaves, treedef = jax.tree_util.tree_flatten(packed)
+    assert len(leaves) == 1 and jax.tree_util.tree_unflatten(treedef, leaves).max_segment_length == 4
 
 
 def test_errors_name_the_thing():
