@@ -2,8 +2,9 @@
 // float32, flash-attention style (online softmax over key blocks; no [T, S] matrix in memory).
 //
 // out[b, t, n, :] = softmax_s(scale * q[b, t, n, :] . k[b, s, n / G, :]) @ v[b, s, n / G, :]
-// over the visible keys start[b, t] <= s < end[b, t] (query_ranges in attention.py turns every
-// MaskSpec without segments into one interval per query); a query that sees no key gives 0.
+// over the visible keys start[b, t] <= s < end[b, t] (query_ranges in mask.py turns every
+// MaskSpec without segments, or with contiguous segments, into one interval per query); a query
+// that sees no key gives 0.
 // Axis legend: B batch, T query tokens, S keys, N query heads, K kv heads, G = N / K, H head dim.
 //
 // Why: as XLA ops the prompt's attention (the [T, S] logits and probabilities of every head:
@@ -17,6 +18,17 @@
 //   mask, running max / sum rescale, p = exp(logits - max)
 //   out [rows, H] += p @ v              (8 rows x 32 of H in registers over the keys)
 // Tasks are shared out over XLA's intra-op pool by mmjax_pool::ParallelFor (pool.h).
+//
+// Work is proportional to the visible keys, not to S: a task covers only the union [ks, ke) of
+// its queries' intervals, and each 8-row register tile only the 32-key chunks that meet the
+// union of its own rows' intervals (both products skip the rest). With packed images or
+// Qwen2.5-VL windows (contiguous segments) a tile of one segment touches that segment's keys
+// only, a tile straddling two segments their two ranges row group by row group, and padding
+// queries nothing: cost ~ sum of segment^2 plus one 32-key chunk per row group at the edges.
+//
+// Any head dim: H need not be a multiple of 16. The reduction over H (q . K) takes any H; for
+// p @ v and the output accumulator rows are Hp = H rounded up to 16 lanes, V then copied into a
+// zero-padded [keys, Hp] buffer per task (like kt).
 //
 // Numerics: float32 throughout, online softmax (the rescaling differs from XLA's two-pass
 // softmax only in rounding; <= 1e-5 against the reference in tests/test_cpu_prefill_attention.py).
@@ -43,7 +55,8 @@ constexpr int kRows = 8;             // rows per register tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Buffers {
-  std::vector<float> q, kt, logits, out, m, l;
+  std::vector<float> q, kt, vp, logits, out, m, l;
+  std::vector<int64_t> lo, hi;  // per 8-row tile: the union of its rows' intervals, relative to ks
 };
 
 struct Problem {
@@ -62,6 +75,7 @@ struct Problem {
     const int64_t t0 = (blocks_per_head - 1 - task % blocks_per_head) * query_block;
     const int64_t tq = std::min(query_block, T - t0);
     const int64_t rows = tq * G, rows_p = (rows + kRows - 1) / kRows * kRows;
+    const int64_t Hp = (H + kLanes - 1) / kLanes * kLanes;
     const int32_t* st = start + b * T + t0;
     const int32_t* en = end + b * T + t0;
     // The block's keys: the union of its queries' intervals.
@@ -87,16 +101,39 @@ struct Problem {
       const float* kr = k + ((b * S + s) * K + kh) * H;
       for (int64_t h = 0; h < H; ++h) buf.kt[h * nk + (s - ks)] = kr[h];
     }
-    buf.out.assign(rows_p * H, 0.0f);
+    // v rows from key ks on: in place when H fills whole vectors, else a zero-padded copy.
+    const float* vb = v + ((b * S + ks) * K + kh) * H;
+    int64_t vstride = K * H;
+    if (Hp != H) {
+      buf.vp.assign((ke - ks) * Hp, 0.0f);
+      for (int64_t s = ks; s < ke; ++s)
+        std::memcpy(&buf.vp[(s - ks) * Hp], v + ((b * S + s) * K + kh) * H, H * sizeof(float));
+      vb = buf.vp.data();
+      vstride = Hp;
+    }
+    // Each register tile's keys: the union of its rows' intervals (empty: lo = hi = 0).
+    buf.lo.assign(rows_p / kRows, 0);
+    buf.hi.assign(rows_p / kRows, 0);
+    for (int64_t g = 0; g < rows_p / kRows; ++g) {
+      int64_t lo = nk, hi = 0;
+      for (int64_t r = g * kRows; r < std::min(rows, (g + 1) * kRows); ++r) {
+        const int64_t s0 = std::clamp<int64_t>(st[r / G], 0, S), s1 = std::clamp<int64_t>(en[r / G], 0, S);
+        if (s1 > s0) lo = std::min(lo, s0 - ks), hi = std::max(hi, s1 - ks);
+      }
+      if (hi > lo) buf.lo[g] = lo, buf.hi[g] = hi;
+    }
+    buf.out.assign(rows_p * Hp, 0.0f);
     buf.m.assign(rows_p, kNegInf);
     buf.l.assign(rows_p, 0.0f);
     buf.logits.resize(rows_p * kKeyBlock);
     float* lg = buf.logits.data();
     for (int64_t j0 = 0; j0 < nk; j0 += kKeyBlock) {
       const int64_t nb = std::min(kKeyBlock, nk - j0);  // a multiple of 32
-      // logits = scale * q_tile @ kt[:, j0:j0+nb]
+      // logits = scale * q_tile @ kt[:, j0:j0+nb], only the 32-key chunks that meet the tile's
+      // keys (the softmax below reads no other: a row's [lo, hi) lies inside its tile's).
       for (int64_t r0 = 0; r0 < rows_p; r0 += kRows)
         for (int64_t j = 0; j < nb; j += 32) {
+          if (j0 + j + 32 <= buf.lo[r0 / kRows] || j0 + j >= buf.hi[r0 / kRows]) continue;
           Vec a0[kRows], a1[kRows];
           for (int i = 0; i < kRows; ++i) a0[i] = a1[i] = Vec{};
           const float* qr = &buf.q[r0 * H];
@@ -153,20 +190,23 @@ struct Problem {
         }
         buf.l[r] = buf.l[r] * corr + HSum(sum);
         if (corr != 1.0f) {
-          float* o = &buf.out[r * H];
-          for (int64_t h = 0; h < H; h += kLanes) Store(o + h, Load(o + h) * corr);
+          float* o = &buf.out[r * Hp];
+          for (int64_t h = 0; h < Hp; h += kLanes) Store(o + h, Load(o + h) * corr);
         }
       }
       for (int64_t r = rows; r < rows_p; ++r) std::memset(lg + r * kKeyBlock, 0, nb * sizeof(float));
-      // out += p @ v[ks + j0 : ks + j0 + nb]
+      // out += p @ v[ks + j0 : ks + j0 + nb], per tile over its own keys only (p is 0 elsewhere)
       const int64_t nv = std::min(nb, ke - ks - j0);  // keys past ke are zero in p: skip them
-      for (int64_t r0 = 0; r0 < rows_p; r0 += kRows)
-        for (int64_t h0 = 0; h0 < H; h0 += 32) {
-          const bool two = h0 + 32 <= H;  // H is a multiple of 16
+      for (int64_t r0 = 0; r0 < rows_p; r0 += kRows) {
+        const int64_t jlo = std::max<int64_t>(0, buf.lo[r0 / kRows] - j0);
+        const int64_t jhi = std::min<int64_t>(nv, buf.hi[r0 / kRows] - j0);
+        if (jhi <= jlo) continue;
+        for (int64_t h0 = 0; h0 < Hp; h0 += 32) {
+          const bool two = h0 + 32 <= Hp;  // Hp is a multiple of 16
           Vec a0[kRows], a1[kRows];
           for (int i = 0; i < kRows; ++i) a0[i] = a1[i] = Vec{};
-          for (int64_t j = 0; j < nv; ++j) {
-            const float* vr = v + ((b * S + ks + j0 + j) * K + kh) * H + h0;
+          for (int64_t j = jlo; j < jhi; ++j) {
+            const float* vr = vb + (j0 + j) * vstride + h0;
             const Vec v0 = Load(vr), v1 = two ? Load(vr + kLanes) : Vec{};
 #pragma GCC unroll 8
             for (int i = 0; i < kRows; ++i) {
@@ -176,16 +216,17 @@ struct Problem {
             }
           }
           for (int i = 0; i < kRows; ++i) {
-            float* o = &buf.out[(r0 + i) * H + h0];
+            float* o = &buf.out[(r0 + i) * Hp + h0];
             Store(o, Load(o) + a0[i]);
             if (two) Store(o + kLanes, Load(o + kLanes) + a1[i]);
           }
         }
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* dst = out_row(r);
       const float l = buf.l[r];
-      const float* o = &buf.out[r * H];
+      const float* o = &buf.out[r * Hp];
       if (l == 0.0f) {
         std::memset(dst, 0, H * sizeof(float));
       } else {
@@ -203,11 +244,11 @@ ffi::Error PrefillAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   const auto sd = start.dimensions(), ed = end.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || kd[3] != qd[3] ||
       !std::equal(kd.begin(), kd.end(), vd.begin()) || kd[2] < 1 || qd[2] % kd[2] != 0 ||
-      qd[3] % kLanes != 0 || sd.size() != 2 || ed.size() != 2 || sd[0] != qd[0] || sd[1] != qd[1] ||
+      qd[3] < 1 || sd.size() != 2 || ed.size() != 2 || sd[0] != qd[0] || sd[1] != qd[1] ||
       ed[0] != qd[0] || ed[1] != qd[1])
     return ffi::Error::InvalidArgument(
-        "mmjax_prefill_attention_f32: expects q [B, T, N, H], k/v [B, S, K, H] with K | N and "
-        "16 | H, start/end [B, T]");
+        "mmjax_prefill_attention_f32: expects q [B, T, N, H], k/v [B, S, K, H] with K | N, "
+        "start/end [B, T]");
   auto p = std::make_unique<Problem>();
   p->q = q.typed_data();
   p->k = k.typed_data();
