@@ -11,7 +11,7 @@ builds and registers it.
 `eligible(q, k, v, mask)` says whether it can: more than one query token, float32, a mask that
 gives one key interval per query (no segment ids, or contiguous ones: packed images, Qwen2.5-VL
 windows), and the library built. Any head dim. Work is proportional to the visible keys (each
-8-row register tile visits only the 32-key chunks its rows' intervals meet), so packed segments
+register tile of rows visits only the 32-key chunks its rows' intervals meet), so packed segments
 cost Σ segment², and nothing of size T x S is ever allocated. Whether it should is the
 KernelPolicy's `attention_cpu` (mmjax.kernels.attention asks both, in the CPU branch of its
 platform_dependent).
