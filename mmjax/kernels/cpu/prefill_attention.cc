@@ -30,8 +30,8 @@
 // queries nothing: cost ~ sum of segment^2 plus one 32-key chunk per register tile at the edges.
 //
 // Any head dim: H need not be a multiple of 16. The reduction over H (q . K) takes any H; for
-// p @ v and the output accumulator rows are Hp = H rounded up to 16 lanes, V then copied into a
-// zero-padded [keys, Hp] buffer per task (like kt).
+// p @ v and the output accumulator rows are Hp = H rounded up to whole native vectors (8 lanes
+// with AVX2), V then copied into a zero-padded [keys, Hp] buffer per task (like kt) unless Hp = H.
 //
 // Numerics: float32 throughout, online softmax (the rescaling differs from XLA's two-pass
 // softmax only in rounding; <= 1e-5 against the reference in tests/test_cpu_prefill_attention.py).
@@ -94,13 +94,17 @@ struct Problem {
   }
 
   // out[i, 0:NV lanes] += p[i, jlo:jhi] @ v[jlo:jhi, 0:NV lanes] for the kRows rows of one tile.
+  // With few accumulators (a small head dim: NV = 1, 2) the FMA chains' latency would bound the
+  // loop, so consecutive keys go to kPh independent sets, summed at the end.
   template <int NV>
   static void PV(const float* p, const float* v, int64_t vstride, int64_t jlo, int64_t jhi, float* out,
                  int64_t out_stride) {
-    NVec acc[kRows][NV];
-    for (int i = 0; i < kRows; ++i)
-      for (int u = 0; u < NV; ++u) acc[i][u] = NVec{};
-    for (int64_t j = jlo; j < jhi; ++j) {
+    constexpr int kPh = kRows * NV >= 8 ? 1 : 8 / (kRows * NV);
+    NVec acc[kPh][kRows][NV];
+    for (int f = 0; f < kPh; ++f)
+      for (int i = 0; i < kRows; ++i)
+        for (int u = 0; u < NV; ++u) acc[f][i][u] = NVec{};
+    auto step = [&](int f, int64_t j) __attribute__((always_inline)) {
       const float* vr = v + j * vstride;
       float pj[kRows];
       for (int i = 0; i < kRows; ++i) pj[i] = p[i * kKeyBlock + j];
@@ -108,13 +112,21 @@ struct Problem {
       for (int u = 0; u < NV; ++u) {
         const NVec vv = NLoad(vr + u * kNLanes);
 #pragma GCC unroll 8
-        for (int i = 0; i < kRows; ++i) acc[i][u] += pj[i] * vv;
+        for (int i = 0; i < kRows; ++i) acc[f][i][u] += pj[i] * vv;
       }
+    };
+    int64_t j = jlo;
+    for (; j + kPh <= jhi; j += kPh) {
+#pragma GCC unroll 8
+      for (int f = 0; f < kPh; ++f) step(f, j + f);
     }
+    for (; j < jhi; ++j) step(0, j);
     for (int i = 0; i < kRows; ++i)
       for (int u = 0; u < NV; ++u) {
+        NVec a = acc[0][i][u];
+        for (int f = 1; f < kPh; ++f) a += acc[f][i][u];
         float* o = out + i * out_stride + u * kNLanes;
-        NStore(o, NLoad(o) + acc[i][u]);
+        NStore(o, NLoad(o) + a);
       }
   }
 
@@ -126,7 +138,7 @@ struct Problem {
     const int64_t t0 = (blocks_per_head - 1 - task % blocks_per_head) * query_block;
     const int64_t tq = std::min(query_block, T - t0);
     const int64_t rows = tq * G, rows_p = (rows + kRows - 1) / kRows * kRows;
-    const int64_t Hp = (H + kLanes - 1) / kLanes * kLanes;
+    const int64_t Hp = (H + kNLanes - 1) / kNLanes * kNLanes;
     const int32_t* st = start + b * T + t0;
     const int32_t* en = end + b * T + t0;
     // The block's keys: the union of its queries' intervals.
@@ -240,10 +252,15 @@ struct Problem {
         const float* vr = vb + j0 * vstride;
         for (int64_t h0 = 0; h0 < Hp; h0 += 32) {
           float* o = &buf.out[r0 * Hp + h0];
-          if (h0 + 32 <= Hp) {
-            PV<32 / kNLanes>(pr, vr + h0, vstride, jlo, jhi, o, Hp);
-          } else {  // the last 16 of Hp
-            PV<16 / kNLanes>(pr, vr + h0, vstride, jlo, jhi, o, Hp);
+          switch (std::min<int64_t>(32, Hp - h0) / kNLanes) {  // 32 lanes, or the last 1..31
+            case 1: PV<1>(pr, vr + h0, vstride, jlo, jhi, o, Hp); break;
+            case 2: PV<2>(pr, vr + h0, vstride, jlo, jhi, o, Hp); break;
+            case 3: PV<3>(pr, vr + h0, vstride, jlo, jhi, o, Hp); break;
+            case 4: PV<4>(pr, vr + h0, vstride, jlo, jhi, o, Hp); break;
+            case 5: PV<5>(pr, vr + h0, vstride, jlo, jhi, o, Hp); break;
+            case 6: PV<6>(pr, vr + h0, vstride, jlo, jhi, o, Hp); break;
+            case 7: PV<7>(pr, vr + h0, vstride, jlo, jhi, o, Hp); break;
+            default: PV<8>(pr, vr + h0, vstride, jlo, jhi, o, Hp); break;  // 32 lanes of 4 (SSE)
           }
         }
       }
