@@ -9,6 +9,11 @@ each side in its own fresh process: load, note RSS, reset the peak (/proc/self/c
 4 greedy tokens once (compiles / warms up), then time a second identical call. Reported: that call's
 time and the process's peak RSS above its post-load baseline (the warm-up included), plus whether
 both sides produced the same tokens.
+
+Then the vision tower alone, in the same process, on the inputs generate gave it (mmjax: the
+patch-bucket padded batch through ComposedVLM.image_features, jitted; HF: get_image_features):
+one warm-up call, then one timed call, with its peak RSS above the RSS just before it (what the
+tower itself allocates; the inputs already exist).
 """
 from __future__ import annotations
 
@@ -42,7 +47,13 @@ base = rss(); open('/proc/self/clear_refs', 'w').write('5')
 run = lambda: mmjax.generate(model, [img], "<image>" + prompt, max_new_tokens=n_new, min_new_tokens=n_new,
                              chat_template=False)
 run(); t = time.perf_counter(); out = run(); dt = time.perf_counter() - t
-print(json.dumps({"s": dt, "peak_mb": peak() - base, "tokens": out.token_ids}))
+res = {"s": dt, "peak_mb": peak() - base, "tokens": out.token_ids}
+import jax, jax.numpy as jnp
+from mmjax.models.composed import ComposedVLM
+inputs = model.preprocess([img], "<image>" + prompt, chat_template=False)
+batch = {k: jnp.asarray(v) for k, v in model.family.prepare(model.config, inputs, model.buckets).items()}
+tower = jax.jit(lambda p, b: ComposedVLM(model.config).apply({"params": p}, b, method=ComposedVLM.image_features))
+vision = lambda: jax.block_until_ready(tower(model.params, batch))
 """
 
 _HF = _COMMON + r"""
@@ -59,8 +70,20 @@ def run():
     b = proc(images=[img], text=text, return_tensors="pt")
     return model.generate(**b, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)[0, b["input_ids"].shape[1]:]
 run(); t = time.perf_counter(); out = run(); dt = time.perf_counter() - t
-print(json.dumps({"s": dt, "peak_mb": peak() - base, "tokens": out.tolist()}))
+res = {"s": dt, "peak_mb": peak() - base, "tokens": out.tolist()}
+b = proc(images=[img], text=text, return_tensors="pt")
+vision = lambda: model.model.get_image_features(b["pixel_values"], b["image_grid_thw"])
 """
+
+_VISION = r"""
+vision()
+base = rss(); open('/proc/self/clear_refs', 'w').write('5')
+t = time.perf_counter(); vision(); res["vision_s"] = time.perf_counter() - t
+res["vision_peak_mb"] = peak() - base
+print(json.dumps(res))
+"""
+_MMJAX += _VISION
+_HF += _VISION
 
 
 def one(code: str, folder: str, size: int) -> dict:
@@ -96,16 +119,18 @@ def main(argv=None) -> int:
                    for side in args.sides}
             rows.append((variant, size, res))
             print(json.dumps({"variant": variant, "size": size, **res}), flush=True)
-    print(f"\n| model | image | HF time | mmjax time | ratio | HF peak MB | mmjax peak MB | ratio | tokens same |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | image | HF time | mmjax time | ratio | HF peak MB | mmjax peak MB | ratio | tokens same "
+          "| HF tower | mmjax tower | HF tower MB | mmjax tower MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for variant, size, r in rows:
         h, m = r.get("hf", {}), r.get("mmjax", {})
         if "s" not in h or "s" not in m:
-            print(f"| {variant} | {size}² | {h.get('s', h.get('error'))} | {m.get('s', m.get('error'))} | | | | | |")
+            print(f"| {variant} | {size}² | {h.get('s', h.get('error'))} | {m.get('s', m.get('error'))} |" + " |" * 9)
             continue
         print(f"| {variant} | {size}² | {h['s']:.2f} s | {m['s']:.2f} s | {m['s'] / h['s']:.2f}x | "
               f"{h['peak_mb']:.0f} | {m['peak_mb']:.0f} | {m['peak_mb'] / max(h['peak_mb'], 1):.2f}x | "
-              f"{'yes' if h['tokens'] == m['tokens'] else 'NO'} |")
+              f"{'yes' if h['tokens'] == m['tokens'] else 'NO'} | {h['vision_s']:.2f} s | {m['vision_s']:.2f} s | "
+              f"{h['vision_peak_mb']:.0f} | {m['vision_peak_mb']:.0f} |")
     return 0
 
 
