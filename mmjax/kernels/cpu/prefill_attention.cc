@@ -214,26 +214,50 @@ struct Problem {
         }
         const int32_t lo32 = static_cast<int32_t>(lo), hi32 = static_cast<int32_t>(hi);
         const int64_t jv0 = lo / kNLanes * kNLanes, jv1 = (hi + kNLanes - 1) / kNLanes * kNLanes;
-        NVec mv = NSplat(kNegInf);
-        for (int64_t j = jv0; j < jv1; j += kNLanes) {
-          const NIVec idx = iota + static_cast<int32_t>(j);
-          const NVec x = NLoad(lr + j);
-          mv = ((idx >= lo32) & (idx < hi32) & (x > mv)) ? x : mv;
+        // The whole block visible (inside a long segment, or a causal row past the block): no
+        // masks, two independent chains. Else masked to [lo, hi) lane by lane.
+        const bool full = lo == 0 && hi == nb;  // nb is a multiple of 32 >= 2 vectors
+        NVec mv = NSplat(kNegInf), mv2 = mv;
+        if (full) {
+          for (int64_t j = 0; j < nb; j += 2 * kNLanes) {
+            const NVec x = NLoad(lr + j), y = NLoad(lr + j + kNLanes);
+            mv = x > mv ? x : mv;
+            mv2 = y > mv2 ? y : mv2;
+          }
+          mv = mv2 > mv ? mv2 : mv;
+        } else {
+          for (int64_t j = jv0; j < jv1; j += kNLanes) {
+            const NIVec idx = iota + static_cast<int32_t>(j);
+            const NVec x = NLoad(lr + j);
+            mv = ((idx >= lo32) & (idx < hi32) & (x > mv)) ? x : mv;
+          }
         }
         const float mx = HMax(mv);
         const float m_new = std::max(buf.m[r], mx);
         const float corr = buf.m[r] == kNegInf ? 0.0f : NExp(NSplat(buf.m[r] - m_new))[0];
         buf.m[r] = m_new;
         NVec sum{};
-        for (int64_t j = 0; j < nb; j += kNLanes) {
-          if (j < jv0 || j >= jv1) {  // outside [lo, hi): exactly 0
-            NStore(lr + j, NVec{});
-            continue;
+        if (full) {
+          NVec sum2{};
+          for (int64_t j = 0; j < nb; j += 2 * kNLanes) {
+            const NVec p = NExp(NLoad(lr + j) - m_new), p2 = NExp(NLoad(lr + j + kNLanes) - m_new);
+            NStore(lr + j, p);
+            NStore(lr + j + kNLanes, p2);
+            sum += p;
+            sum2 += p2;
           }
-          const NIVec idx = iota + static_cast<int32_t>(j);
-          const NVec p = ((idx >= lo32) & (idx < hi32)) ? NExp(NLoad(lr + j) - m_new) : NVec{};
-          NStore(lr + j, p);
-          sum += p;
+          sum += sum2;
+        } else {
+          for (int64_t j = 0; j < nb; j += kNLanes) {
+            if (j < jv0 || j >= jv1) {  // outside [lo, hi): exactly 0
+              NStore(lr + j, NVec{});
+              continue;
+            }
+            const NIVec idx = iota + static_cast<int32_t>(j);
+            const NVec p = ((idx >= lo32) & (idx < hi32)) ? NExp(NLoad(lr + j) - m_new) : NVec{};
+            NStore(lr + j, p);
+            sum += p;
+          }
         }
         buf.l[r] = buf.l[r] * corr + HSum(sum);
         if (corr != 1.0f) {
