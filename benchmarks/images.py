@@ -9,6 +9,11 @@ each side in its own fresh process: load, note RSS, reset the peak (/proc/self/c
 4 greedy tokens once (compiles / warms up), then time a second identical call. Reported: that call's
 time and the process's peak RSS above its post-load baseline (the warm-up included), plus whether
 both sides produced the same tokens.
+
+Then the vision tower alone, the same way in another fresh process per side, on the inputs
+generate gives it (mmjax: the patch-bucket padded batch through ComposedVLM.image_features,
+jitted; HF: get_image_features): inputs built, RSS noted, one warm-up call (mmjax compiles),
+one timed call; peak RSS above that baseline.
 """
 from __future__ import annotations
 
@@ -30,20 +35,33 @@ def rss():
     return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
 def peak():
     return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024
-folder, size, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+folder, size, n_new, tower = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "tower"
 img = Image.fromarray((np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8))
 prompt = "Describe the image."
+"""
+
+# Baseline after load (and, for the tower, after its inputs exist); a warm-up call; a timed call.
+_RUN = r"""
+base = rss(); open('/proc/self/clear_refs', 'w').write('5')
+run(); t = time.perf_counter(); out = run(); dt = time.perf_counter() - t
+print(json.dumps({"s": dt, "peak_mb": peak() - base, "tokens": None if tower else out}))
 """
 
 _MMJAX = _COMMON + r"""
 import mmjax
 model = mmjax.load(folder, compile_cache=False)
-base = rss(); open('/proc/self/clear_refs', 'w').write('5')
 run = lambda: mmjax.generate(model, [img], "<image>" + prompt, max_new_tokens=n_new, min_new_tokens=n_new,
-                             chat_template=False)
-run(); t = time.perf_counter(); out = run(); dt = time.perf_counter() - t
-print(json.dumps({"s": dt, "peak_mb": peak() - base, "tokens": out.token_ids}))
-"""
+                             chat_template=False).token_ids
+if tower:
+    import jax, jax.numpy as jnp
+    from mmjax.models.composed import ComposedVLM
+    inputs = model.preprocess([img], "<image>" + prompt, chat_template=False)
+    batch = {k: jnp.asarray(v) for k, v in model.family.prepare(model.config, inputs, model.buckets).items()}
+    del inputs
+    jax.block_until_ready([x.sum() for x in batch.values()])  # XLA:CPU copies a numpy array in on first use
+    vision = jax.jit(lambda p, b: ComposedVLM(model.config).apply({"params": p}, b, method=ComposedVLM.image_features))
+    run = lambda: jax.block_until_ready(vision(model.params, batch))
+""" + _RUN
 
 _HF = _COMMON + r"""
 import torch
@@ -54,19 +72,19 @@ model = AutoModelForImageTextToText.from_pretrained(folder).eval()
 cls = Qwen2_5_VLProcessor if model.config.model_type == "qwen2_5_vl" else Qwen2VLProcessor
 proc = _without_video(cls).from_pretrained(folder)
 text = "<|vision_start|><|image_pad|><|vision_end|>" + prompt
-base = rss(); open('/proc/self/clear_refs', 'w').write('5')
 def run():
     b = proc(images=[img], text=text, return_tensors="pt")
-    return model.generate(**b, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)[0, b["input_ids"].shape[1]:]
-run(); t = time.perf_counter(); out = run(); dt = time.perf_counter() - t
-print(json.dumps({"s": dt, "peak_mb": peak() - base, "tokens": out.tolist()}))
-"""
+    return model.generate(**b, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)[0, b["input_ids"].shape[1]:].tolist()
+if tower:
+    b = proc(images=[img], text=text, return_tensors="pt")
+    run = lambda: model.model.get_image_features(b["pixel_values"], b["image_grid_thw"])
+""" + _RUN
 
 
-def one(code: str, folder: str, size: int) -> dict:
+def one(code: str, folder: str, size: int, what: str = "generate") -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code, folder, str(size), str(N_NEW)], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run([sys.executable, "-c", code, folder, str(size), str(N_NEW), what], capture_output=True,
+                          text=True, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -92,20 +110,26 @@ def main(argv=None) -> int:
             save_tiny_qwen2vl(hf_dir, variant, cfg, max_pixels=MAX_PIXELS)
             convert(hf_dir, flax_dir, progress=False)
         for size in args.sizes:
-            res = {side: one(_HF if side == "hf" else _MMJAX, hf_dir if side == "hf" else flax_dir, size)
-                   for side in args.sides}
+            res = {}
+            for side in args.sides:
+                code, folder = (_HF, hf_dir) if side == "hf" else (_MMJAX, flax_dir)
+                res[side] = one(code, folder, size)
+                tower = one(code, folder, size, "tower")
+                res[side].update(vision_s=tower.get("s"), vision_peak_mb=tower.get("peak_mb"))
             rows.append((variant, size, res))
             print(json.dumps({"variant": variant, "size": size, **res}), flush=True)
-    print(f"\n| model | image | HF time | mmjax time | ratio | HF peak MB | mmjax peak MB | ratio | tokens same |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | image | HF time | mmjax time | ratio | HF peak MB | mmjax peak MB | ratio | tokens same "
+          "| HF tower | mmjax tower | HF tower MB | mmjax tower MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for variant, size, r in rows:
         h, m = r.get("hf", {}), r.get("mmjax", {})
         if "s" not in h or "s" not in m:
-            print(f"| {variant} | {size}² | {h.get('s', h.get('error'))} | {m.get('s', m.get('error'))} | | | | | |")
+            print(f"| {variant} | {size}² | {h.get('s', h.get('error'))} | {m.get('s', m.get('error'))} |" + " |" * 9)
             continue
         print(f"| {variant} | {size}² | {h['s']:.2f} s | {m['s']:.2f} s | {m['s'] / h['s']:.2f}x | "
               f"{h['peak_mb']:.0f} | {m['peak_mb']:.0f} | {m['peak_mb'] / max(h['peak_mb'], 1):.2f}x | "
-              f"{'yes' if h['tokens'] == m['tokens'] else 'NO'} |")
+              f"{'yes' if h['tokens'] == m['tokens'] else 'NO'} | {h['vision_s']:.2f} s | {m['vision_s']:.2f} s | "
+              f"{h['vision_peak_mb']:.0f} | {m['vision_peak_mb']:.0f} |")
     return 0
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from mmjax.errors import InputError
 from mmjax.kernels import attention as attention_module
+from mmjax.kernels import segment_attention
 from mmjax.kernels.attention import decode_range, xla_attention
 from mmjax.kernels.decode_attention import decode_attention, decode_attention_reference
 from mmjax.kernels.flash_attention import BlockSizes, MaskSpec, attention_reference, flash_attention
@@ -69,6 +70,15 @@ MASKS = {
     "bidir_window": (50, 64, lambda B, T, S: MaskSpec(causal=False, q_offset=jnp.array([11, 5][:B]), sliding_window=7)),
     "key_padding": (40, 56, lambda B, T, S: MaskSpec(causal=False, kv_lengths=jnp.array([56, 33][:B]))),
     "segments": (60, 60, lambda B, T, S: MaskSpec(causal=False, q_segment_ids=windows(B, 60, [16, 9, 23], 12))),
+    # contiguous segments (packed images, Qwen2.5-VL windows after their reorder): row 1 is row 0
+    # reversed, so its padding leads; uneven lengths, a segment of one, windows of 16 and partial ones
+    "packed": (80, 80, lambda B, T, S: MaskSpec(causal=False, q_segment_ids=windows(B, 80, [7, 30, 1, 19], 23),
+                                                contiguous_segments=True)),
+    "windows": (80, 80, lambda B, T, S: MaskSpec(causal=False, q_segment_ids=windows(B, 80, [16, 16, 8, 4, 16, 12], 8),
+                                                 contiguous_segments=True, max_segment_length=16)),
+    "packed_causal": (70, 70, lambda B, T, S: MaskSpec(
+        causal=True, kv_lengths=jnp.array([70, 52][:B]), q_segment_ids=windows(B, 70, [33, 2, 20], 15),
+        contiguous_segments=True)),
     "everything": (40, 96, lambda B, T, S: MaskSpec(
         causal=True, q_offset=jnp.array([50, 34][:B]), kv_lengths=jnp.array([90, 80][:B]),
         prefix_lengths=jnp.array([30, 70][:B]), sliding_window=25,
@@ -80,7 +90,7 @@ MASKS = {
 FLASH_CASES = [
     ("causal", 1, 64), ("causal_offset", 2, 80), ("prefix_lm", 4, 128), ("sliding_window", 2, 64),
     ("bidirectional", 1, 80), ("bidir_window", 4, 64), ("key_padding", 4, 80), ("segments", 2, 80),
-    ("everything", 2, 64),
+    ("everything", 2, 64), ("packed", 1, 80), ("windows", 2, 64), ("packed_causal", 4, 128),
 ]
 
 
@@ -128,6 +138,23 @@ class TestPallasKernels:
         mask = MaskSpec(causal=True, sliding_window=30)
         out = flash_attention(q, k, v, mask=mask, scale=0.3, interpret=self.INTERPRET)
         assert max_err(out, attention_reference(q, k, v, mask, scale=0.3)) <= TOL[jnp.float32]
+
+    def test_flash_skips_key_blocks_of_other_segments(self):
+        """Contiguous segments: each query block loops over the key blocks its intervals reach only.
+        Whole key blocks (16 keys) of bucket padding hold NaN: loading one would make the output NaN
+        (0 * NaN in p @ v), as it does when the same segments are not declared contiguous."""
+        T = 96
+        seg = jnp.asarray(np.stack([np.r_[np.repeat([0, 1, 2, 3], [5, 30, 7, 20]), np.full(34, -1)],
+                                    np.r_[np.repeat([0, 1], 40), np.full(16, -1)]]), jnp.int32)
+        q, k, v = qkv(2, T, T, 2, 2, 64, seed=12)
+        nan = ((seg < 0) & (jnp.arange(T) >= 64))[:, :, None, None]  # key blocks 4 and 5 of row 0, 5 of row 1
+        packed = MaskSpec(causal=False, q_segment_ids=seg, contiguous_segments=True)
+        run = lambda mask: flash_attention(q, jnp.where(nan, jnp.nan, k), jnp.where(nan, jnp.nan, v), mask=mask,
+                                           block_sizes=BlockSizes(16, 16), interpret=self.INTERPRET)
+        out = run(packed)
+        assert not bool(jnp.isnan(out).any())
+        assert max_err(out, attention_reference(q, k, v, packed)) <= TOL[jnp.float32]
+        assert bool(jnp.isnan(run(MaskSpec(causal=False, q_segment_ids=seg))).any())  # the general path reads them
 
     def test_flash_fully_masked_rows_are_zero(self):
         # Row 0: the last 8 queries are padding (segment -1). Row 1: no key at all (kv_length 0).
@@ -187,6 +214,36 @@ def test_xla_path_matches_reference(name, dtype):
     out = attention(q, k, v, mask, kernels=XLA)
     assert out.dtype == dtype
     assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("name", ["packed", "windows", "packed_causal"])
+def test_xla_segment_blocks_in_steps(monkeypatch, name):
+    """Contiguous segments on the XLA path in sequential steps (a tiny STEP_BYTES forces several,
+    as a full-attention layer over a large bucket does), all-padding steps skipped by lax.cond."""
+    monkeypatch.setattr(segment_attention, "STEP_BYTES", 4096)
+    T, S, factory = MASKS[name]
+    q, k, v = qkv(2, T, S, 4, 2, 64, seed=13)
+    mask = factory(2, T, S)
+    Q, W, per_step = segment_attention.block_plan(2, T, 4, 2 * 2 * 64 * 4, mask.max_segment_length)
+    assert -(-T // Q) > per_step  # really in steps
+    text = jax.jit(lambda q, k, v, m: xla_attention(q, k, v, m)).lower(q, k, v, mask).as_text()
+    assert "while" in text and "case" in text  # lax.map, lax.cond
+    out = jax.jit(lambda q, k, v, m: xla_attention(q, k, v, m))(q, k, v, mask)
+    assert max_err(out, attention_reference(q, k, v, mask)) <= TOL[jnp.float32]
+
+
+def test_xla_segments_never_build_the_full_mask():
+    """Qwen2.5-VL at a 4096-patch bucket (16 heads, H 80): windows of 64 patches go through
+    [block, window] logits only; a full-attention layer (no bound) through steps of blocks; neither
+    program holds a [4096, 4096] array. Without contiguous_segments the dense mask is there."""
+    T, N, H = 4096, 16, 80
+    q = jax.ShapeDtypeStruct((1, T, N, H), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, T), jnp.int32)
+    lower = lambda mask: jax.jit(lambda q, k, v, m: xla_attention(q, k, v, m)).lower(q, q, q, mask).as_text()
+    for bound in (64, None):
+        text = lower(MaskSpec(causal=False, q_segment_ids=seg, contiguous_segments=True, max_segment_length=bound))
+        assert f"{T}x{T}" not in text, bound
+    assert f"{T}x{T}" in lower(MaskSpec(causal=False, q_segment_ids=seg))
 
 
 # The cache path ("BKSH", one query) computes probs @ V as a multiply + reduce instead of a
@@ -258,12 +315,64 @@ def test_decode_range_matches_make_mask():
         np.testing.assert_array_equal(np.asarray(make_mask(mask, 1, 10))[:, 0, 0], want)
 
 
+def random_runs(rng, length, max_run, pad_frac=0.15):
+    """Segment ids [length]: runs of random lengths 1..max_run with distinct ids, some runs -1."""
+    out, i = [], 0
+    while len(out) < length:
+        n = int(rng.integers(1, max_run + 1))
+        out += [-1 if rng.random() < pad_frac else i] * n
+        i += 1
+    return np.array(out[:length], np.int32)
+
+
+def test_query_ranges_of_contiguous_segments_match_make_mask():
+    """Contiguous segments give each query its run intersected with every other term; 40 random
+    masks (runs of 1..12 with padding runs, causal or not, windows, key padding, offsets, prefixes)."""
+    rng = np.random.default_rng(0)
+    ranges = jax.jit(attention_module.query_ranges, static_argnums=(1, 2, 3))
+    for i in range(40):
+        B, T = 2, (5, 41)[i % 2]
+        kw = dict(causal=bool(rng.integers(2)))
+        if rng.integers(2):
+            kw["sliding_window"] = int(rng.integers(1, 10))
+        if rng.integers(2):
+            kw["kv_lengths"] = jnp.asarray(rng.integers(0, T + 1, B), jnp.int32)
+        if rng.integers(2):
+            kw["q_offset"] = jnp.asarray(rng.integers(0, 4, B), jnp.int32)
+        if kw["causal"] and rng.integers(2):
+            kw["prefix_lengths"] = jnp.asarray(rng.integers(0, T, B), jnp.int32)
+        seg = np.stack([random_runs(rng, T, 12), random_runs(rng, T, 12)])
+        mask = MaskSpec(q_segment_ids=jnp.asarray(seg), contiguous_segments=True, **kw)
+        start, end = ranges(mask, B, T, T)
+        kpos = np.arange(T)
+        got = (kpos >= np.asarray(start)[..., None]) & (kpos < np.asarray(end)[..., None])
+        np.testing.assert_array_equal(got, np.broadcast_to(np.asarray(make_mask(mask, T, T))[:, 0], (B, T, T)), str(kw))
+
+
+def test_contiguous_segments_are_checked():
+    seg = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(InputError, match="contiguous_segments=True needs q_segment_ids"):
+        MaskSpec(contiguous_segments=True)
+    with pytest.raises(InputError, match="contiguous_segments=True needs q_segment_ids and no kv_segment_ids"):
+        MaskSpec(q_segment_ids=seg, kv_segment_ids=seg, contiguous_segments=True)
+    with pytest.raises(InputError, match="max_segment_length=0 needs contiguous_segments=True"):
+        MaskSpec(q_segment_ids=seg, contiguous_segments=True, max_segment_length=0)
+    with pytest.raises(InputError, match="max_segment_length=4 needs contiguous_segments=True"):
+        MaskSpec(q_segment_ids=seg, max_segment_length=4)
+    with pytest.raises(InputError, match="query_ranges: segment ids that are not contiguous_segments"):
+        attention_module.query_ranges(MaskSpec(q_segment_ids=seg), 1, 4, 4)
+
+
 def test_mask_spec_is_a_pytree_with_static_flags():
     mask = MaskSpec(causal=True, kv_lengths=jnp.array([3]), sliding_window=4)
     leaves, treedef = jax.tree_util.tree_flatten(mask)
     assert len(leaves) == 1
     again = jax.tree_util.tree_unflatten(treedef, leaves)
     assert again.causal and again.sliding_window == 4 and again.bidirectional is False
+    packed = MaskSpec(causal=False, q_segment_ids=jnp.zeros((1, 4), jnp.int32), contiguous_segments=True,
+                      max_segment_length=4)
+    leaves, treedef = jax.tree_util.tree_flatten(packed)
+    assert len(leaves) == 1 and jax.tree_util.tree_unflatten(treedef, leaves).max_segment_length == 4
 
 
 def test_errors_name_the_thing():

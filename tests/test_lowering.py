@@ -76,6 +76,19 @@ def test_flash_attention_with_segments_exports_for_cuda():
     assert calls(text) == {"triton": 1, "tpu": 0, "cpu": 0}
 
 
+# The Qwen2-VL / Qwen2.5-VL tower (16 heads of 80) over packed images and windows: contiguous
+# segments, the flash kernel's per-query-block key ranges; windows of 64 patches or whole images.
+@pytest.mark.parametrize("P,window,dtype", [(4096, 64, jnp.bfloat16), (16384, 64, jnp.float32),
+                                            (16384, None, jnp.bfloat16),
+                                            pytest.param(65536, 64, jnp.bfloat16, marks=pytest.mark.slow)])
+def test_flash_attention_with_contiguous_segments_exports_for_cuda(P, window, dtype):
+    q = spec(1, P, 16, 80, dtype=dtype)
+    mask = MaskSpec(causal=False, q_segment_ids=spec(1, P, dtype=jnp.int32), contiguous_segments=True,
+                    max_segment_length=window)
+    text = lowered(lambda q, k, v, m: flash_attention(q, k, v, mask=m), "cuda", q, q, q, mask)
+    assert calls(text) == {"triton": 1, "tpu": 0, "cpu": 0}
+
+
 @pytest.mark.parametrize("H,G,S,dtype", DECODE)
 def test_decode_attention_exports_for_cuda(H, G, S, dtype):
     q, kv = spec(8, 1, N, H, dtype=dtype), spec(8, S, N // G, H, dtype=dtype)
@@ -112,6 +125,16 @@ def test_attention_default_policy_prefill(platform):
     q, kv = spec(2, 512, 8, 128, dtype=jnp.float32), spec(2, 512, 2, 128, dtype=jnp.float32)
     mask = MaskSpec(causal=True, kv_lengths=rows(2))
     assert calls(lowered(attention, platform, q, kv, kv, mask)) == WANT[platform]
+
+
+@pytest.mark.parametrize("platform", sorted(WANT))
+def test_attention_default_policy_contiguous_segments(platform):
+    """A vision tower's packed images: the CPU kernel takes them now (one interval per query), CUDA
+    the flash kernel with its key ranges, TPU splash (segment ids)."""
+    q = spec(1, 4096, 16, 80, dtype=jnp.float32)
+    mask = MaskSpec(causal=False, q_segment_ids=spec(1, 4096, dtype=jnp.int32), contiguous_segments=True,
+                    max_segment_length=64)
+    assert calls(lowered(attention, platform, q, q, q, mask)) == WANT[platform]
 
 
 @pytest.mark.parametrize("platform", sorted(WANT))

@@ -17,6 +17,7 @@ import mmjax
 from converters.torch2flax import convert, main as convert_cli
 from mmjax.bucketing import Buckets
 from mmjax.errors import InputError
+from mmjax.kernels.policy import KernelPolicy, with_kernels
 from mmjax.models.composed import ComposedVLM
 from mmjax.preprocess.qwen2vl import check_inputs, mrope_positions, prepare
 from mmjax.profiling import count_compiles
@@ -151,6 +152,45 @@ def test_one_vision_program_per_patch_bucket(ckpts):
     prefill, decode, _ = run("D")  # 120 patches -> bucket 160: a new prefill only
     assert (prefill, decode) == (1, 0)
     assert run("C") == (0, 0, 0)  # 80 patches -> bucket 80 again
+
+
+def test_large_image_parity_compiles_and_memory(ckpts):
+    """Images as users send them (thousands of patches; the tiny checkpoints' processor caps them
+    unless the request raises max_pixels): Qwen2.5-VL logits equal HF's at 868² (62x62 patches:
+    partial windows, the full-attention block over one 3844-patch image); a 896² image lands in
+    the same 4096-patch bucket and compiles nothing; the tower's program holds no P x P buffer."""
+    model, hf, hp = ckpts["qwen2_5_vl"]
+    big = {"max_pixels": 896 * 896}
+    img = _image(868, 868, 4)
+    ours = model.preprocess([img], "<image>" + PROMPT, chat_template=False, mm_processor_kwargs=big)
+    size = {"shortest_edge": hp.image_processor.size.shortest_edge, "longest_edge": big["max_pixels"]}
+    ref = hp(images=[img], text=VISION + PROMPT, return_tensors="pt", images_kwargs={"size": size})
+    assert ours["image_grid_thw"].tolist() == [[1, 62, 62]]
+    with torch.no_grad():
+        want = hf(**ref).logits.numpy()
+    assert np.abs(mmjax.forward(model, **ours) - want).max() <= tol("float32", "logits")
+
+    bucketed = mmjax.load(model.path, buckets=Buckets(prompt=(1040,), patches=(4096,), token_slots=(8,)))
+
+    def run(image):
+        with count_compiles() as c:
+            mmjax.generate(bucketed, [image], "<image>" + PROMPT, max_new_tokens=2, chat_template=False,
+                           mm_processor_kwargs=big)
+        fns = c.by_function
+        return (sum(n for f, n in fns.items() if "prefill" in f), sum(n for f, n in fns.items() if "decode_step" in f),
+                c.total)
+
+    assert run(img)[:2] == (1, 1)
+    assert run(_image(896, 896, 5)) == (0, 0, 0)  # 4096 patches: same bucket, nothing compiles at all
+
+    # Peak temporaries of the tower at the 4096-patch bucket: one head's [P, P] float32 logits
+    # alone would be 64 MiB; the CPU kernel path and the XLA path (blocks in steps) stay below.
+    batch = {k: jnp.asarray(v) for k, v in prepare(model.config, ours, Buckets(patches=(4096,))).items()}
+    for policy in (model.config.vision.kernels, KernelPolicy(attention_cpu="xla")):
+        cfg = with_kernels(model.config, policy)
+        tower = jax.jit(lambda p, b: ComposedVLM(cfg).apply({"params": p}, b, method=ComposedVLM.image_features))
+        temp = tower.lower(model.params, batch).compile().memory_analysis().temp_size_in_bytes
+        assert temp < 4096 * 4096 * 4, (policy, temp)
 
 
 def test_inconsistent_inputs_are_refused(ckpts):

@@ -10,7 +10,8 @@ a jax.lax.platform_dependent), each branch checking in Python what its kernel ca
   * cpu  "cpu":    one query against the cache (a decode step) -> cpu.decode_attention, a
                    prompt against its own keys (prefill) -> cpu.prefill_attention, when float32
                    without segment ids (their `eligible`); anything else the XLA path.
-  * any  "xla":    xla_attention below: einsum softmax, exact against HF eager attention.
+  * any  "xla":    xla_attention below: einsum softmax, exact against HF eager attention; with
+                   contiguous segments per query block over its key window (segment_attention).
   * cpu / cuda / rocm "pallas": the Triton kernels, decode_attention for one query without
                    segments, flash_attention otherwise; compiled on GPU, interpret=True on CPU.
   * tpu  "pallas": JAX's TPU kernels (tpu_attention: paged decode, splash prefill) for the
@@ -31,6 +32,7 @@ from mmjax.kernels.flash_attention import check_qkv, flash_attention
 from mmjax.kernels.mask import MaskSpec, decode_range, make_mask, query_ranges
 from mmjax.kernels.policy import KernelPolicy, dispatch
 from mmjax.kernels.reference import softmax_attention
+from mmjax.kernels.segment_attention import segment_attention
 
 __all__ = ["MaskSpec", "attention", "decode_range", "make_mask", "query_ranges", "xla_attention"]
 
@@ -43,7 +45,12 @@ def xla_attention(q, k, v, mask: MaskSpec, scale: float | None = None, kv_layout
     kv_layout "BKSH" takes k/v as [B, K, S, H] (the KV cache's layout): the contractions then
     have their batch axes (B, K) leading, so XLA needs no per-step transpose of the cache.
     Numerics follow HF eager attention (reference.softmax_attention); masked logits are -inf and
-    a row with no visible key gives 0, so padded rows stay 0 and never NaN."""
+    a row with no visible key gives 0, so padded rows stay 0 and never NaN.
+
+    Contiguous segments (packed images, windows) never build the [T, S] mask: each block of
+    queries attends to its own key window (segment_attention.py: cost T x window, not T x S)."""
+    if mask.contiguous_segments and kv_layout == "BSKH":
+        return segment_attention(q, k, v, mask, scale)
     kv_len = k.shape[1] if kv_layout == "BSKH" else k.shape[2]
     ok = None if mask.is_trivial else make_mask(mask, q.shape[1], kv_len)[:, :, None]  # [B|1, 1, 1, T, S]
     return softmax_attention(q, k, v, ok, scale, kv_layout=kv_layout)

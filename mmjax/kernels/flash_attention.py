@@ -15,6 +15,11 @@ loads are powers of two >= 16, the head dim is padded through the BlockSpec and 
 load, never copied) and runs anywhere with `interpret=True`, which is how the tests run it
 on CPU. Which keys a query sees is a MaskSpec (mmjax/kernels/mask.py); the kernel body reads
 it through the same `visible` predicate as the reference.
+
+Contiguous segments (packed images, windows: `MaskSpec.contiguous_segments`) give each query
+one key interval (mask.query_ranges); the wrapper reduces them to one key range per query block
+(min start, max end) and the kernel's loop runs over the key blocks of that range only, so keys
+of other segments and padding are never loaded: cost ~ Σ segment², not T x S.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mmjax.errors import InputError
-from mmjax.kernels.mask import NEG_INF, MaskSpec, make_mask, visible
+from mmjax.kernels.mask import NEG_INF, MaskSpec, make_mask, query_ranges, visible
 from mmjax.kernels.reference import softmax_attention
 
 # exp(x) = exp2(x * log2(e)): exp2 is the cheaper instruction on GPUs.
@@ -124,6 +129,7 @@ def _flash_kernel(
     q_ref, k_ref, v_ref,  # [block_q, Hp], [Sp, Hp], [Sp, Hp]
     q_off_ref, kv_len_ref, prefix_ref,  # [] int32 each, or None
     q_seg_ref, kv_seg_ref,  # [block_q], [Sp] int32, or None
+    key_lo_ref, key_hi_ref,  # [] int32 each, or None: the keys this query block's intervals reach
     o_ref,  # [block_q, Hp]
     *, scale, causal, window, block_q, block_k, head_dim,
 ):
@@ -151,8 +157,13 @@ def _flash_kernel(
         lo = jnp.maximum(pos_lo - window + 1, 0)
         if causal and prefix is not None:
             lo = jnp.where(pos_lo < prefix, 0, lo)
-    blk_lo = lax.div(lo, block_k) if window is not None else 0
+    if key_lo_ref is not None:  # contiguous segments: only the block's own segments' keys
+        lo = jnp.maximum(lo, key_lo_ref[...])
+        hi = jnp.minimum(hi, key_hi_ref[...])
+    blk_lo = lax.div(lo, block_k) if not isinstance(lo, int) else 0
     blk_hi = lax.div(jnp.maximum(hi, 0) + block_k - 1, block_k) if not isinstance(hi, int) else hi // block_k
+    if not isinstance(lo, int):
+        blk_hi = jnp.maximum(blk_hi, blk_lo)  # an empty range: no iteration
 
     def body(j, carry):
         acc, m_prev, l_prev = carry
@@ -235,6 +246,14 @@ def flash_attention(
         kv_lengths = jnp.minimum(kv_lengths, kv_len)
     prefix = as_rows(mask.prefix_lengths) if mask.causal else None
     q_seg, kv_seg = mask.segments()
+    key_lo = key_hi = None
+    if mask.contiguous_segments:  # each query block's key range: [min start, max end) of its intervals
+        start, end = query_ranges(mask, batch, q_len, kv_len)
+        pad_q = lambda x: jnp.pad(x, ((0, 0), (0, q_pad - q_len))).reshape(batch, -1, block_q)
+        start, end = pad_q(start), pad_q(end)  # padded queries: [0, 0), seen as empty below
+        seen = start < end
+        key_lo = jnp.min(jnp.where(seen, start, kv_pad), axis=-1)  # [B, T / block_q]
+        key_hi = jnp.max(jnp.where(seen, end, 0), axis=-1)
     if q_seg is not None:  # padded positions get segment -1 (= padding)
         q_seg = jnp.pad(as_rows(q_seg), ((0, 0), (0, q_pad - q_len)), constant_values=-1)
         kv_seg = jnp.pad(as_rows(kv_seg), ((0, 0), (0, kv_pad - kv_len)), constant_values=-1)
@@ -251,6 +270,8 @@ def flash_attention(
         spec_if(prefix, row_spec),
         spec_if(q_seg, pl.BlockSpec((None, block_q), lambda i, b, n: (b, i))),
         spec_if(kv_seg, pl.BlockSpec((None, kv_pad), lambda i, b, n: (b, 0))),
+        spec_if(key_lo, pl.BlockSpec((None, None), lambda i, b, n: (b, i))),
+        spec_if(key_hi, pl.BlockSpec((None, None), lambda i, b, n: (b, i))),
     ]
     kernel = functools.partial(
         _flash_kernel, scale=scale, causal=mask.causal, window=mask.sliding_window,
@@ -265,5 +286,5 @@ def flash_attention(
         compiler_params=plgpu.CompilerParams(num_warps=4 if head_pad <= 64 else 8, num_stages=2),
         interpret=interpret,
         name="mmjax_flash_attention",
-    )(q, k, v, q_off, kv_lengths, prefix, q_seg, kv_seg)
+    )(q, k, v, q_off, kv_lengths, prefix, q_seg, kv_seg, key_lo, key_hi)
     return out[:, :q_len]

@@ -7,7 +7,8 @@ Every attention path reads a MaskSpec through one of these, so they all mean the
     kernel's body calls it on one tile);
   * `make_mask(mask, T, S)`: bool [B|1, 1, T, S] (the jnp references and the XLA path);
   * `query_ranges(mask, B, T, S)`: each query's key interval [start, end), for every mask
-    without segment ids (the CPU kernels, the decode kernels);
+    without segment ids or whose segments are contiguous runs (the CPU kernels, the decode
+    kernels, the XLA path's and the flash kernel's per-segment work);
   * `decode_range`: query_ranges for one query token.
 """
 from __future__ import annotations
@@ -17,10 +18,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from mmjax.errors import InputError
 
-__all__ = ["NEG_INF", "MaskSpec", "decode_range", "make_mask", "query_ranges", "visible"]
+__all__ = ["NEG_INF", "MaskSpec", "decode_range", "has_ranges", "make_mask", "query_ranges", "segment_runs",
+           "visible"]
 
 NEG_INF = float("-inf")
 
@@ -28,7 +31,7 @@ NEG_INF = float("-inf")
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["q_offset", "kv_lengths", "prefix_lengths", "q_segment_ids", "kv_segment_ids"],
-    meta_fields=["causal", "sliding_window"],
+    meta_fields=["causal", "sliding_window", "contiguous_segments", "max_segment_length"],
 )
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
@@ -46,7 +49,16 @@ class MaskSpec:
         `kv_segment_ids=None` reuses `q_segment_ids` (self-attention, needs T == S).
     A query row that sees no key at all gets output 0 (never NaN).
 
-    Arrays are pytree leaves (traced under jit); `causal` and `sliding_window` are static.
+    `contiguous_segments=True` is a promise about the data, for self-attention segments: every
+    id >= 0 occurs in ONE run of consecutive positions (packed images, Qwen2.5-VL windows after
+    their reorder; padding, id < 0, may be anywhere). Then each query sees one key interval,
+    its run intersected with the other terms (`query_ranges`), and the kernels work per segment:
+    cost Σ segment² instead of T·S. `max_segment_length` (optional) bounds every run's length;
+    the XLA path sizes its key windows by it. If the promise is broken, an id's other runs are
+    not seen by the interval paths (the dense mask would see them): the caller must keep it.
+
+    Arrays are pytree leaves (traced under jit); `causal`, `sliding_window`,
+    `contiguous_segments` and `max_segment_length` are static.
     """
 
     causal: bool = True
@@ -56,12 +68,20 @@ class MaskSpec:
     sliding_window: int | None = None
     q_segment_ids: jax.Array | None = None  # [B, T] int32
     kv_segment_ids: jax.Array | None = None  # [B, S] int32
+    contiguous_segments: bool = False  # each segment id >= 0 is one run of positions (self-attention)
+    max_segment_length: int | None = None  # static bound on a run's length (contiguous segments only)
 
     def __post_init__(self):
         if self.sliding_window is not None and self.sliding_window < 1:
             raise InputError(f"MaskSpec: sliding_window={self.sliding_window} must be >= 1 or None")
         if self.kv_segment_ids is not None and self.q_segment_ids is None:
             raise InputError("MaskSpec: kv_segment_ids given without q_segment_ids")
+        if self.contiguous_segments and (self.q_segment_ids is None or self.kv_segment_ids is not None):
+            raise InputError("MaskSpec: contiguous_segments=True needs q_segment_ids and no kv_segment_ids "
+                             "(self-attention segments)")
+        if self.max_segment_length is not None and (not self.contiguous_segments or self.max_segment_length < 1):
+            raise InputError(f"MaskSpec: max_segment_length={self.max_segment_length} needs "
+                             f"contiguous_segments=True and a value >= 1")
 
     @property
     def bidirectional(self) -> bool:
@@ -152,9 +172,30 @@ def make_mask(mask: MaskSpec, q_len: int, kv_len: int) -> jax.Array:
     return ok[:, None]  # [B|1, 1, T, S]
 
 
+def has_ranges(mask: MaskSpec) -> bool:
+    """Whether query_ranges can state this mask: no segment ids, or contiguous ones."""
+    return mask.q_segment_ids is None or mask.contiguous_segments
+
+
+def segment_runs(seg):
+    """seg [B, T] int32 -> (run_start [B, T], run_end [B, T]): the run of equal ids around each
+    position, in O(T) (a cumulative max of run starts, a reversed cumulative min of run ends)."""
+    T = seg.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), seg.shape)
+    change = seg[:, 1:] != seg[:, :-1]  # [B, T-1]: position t+1 starts a run
+    first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), change], axis=1)
+    last = jnp.concatenate([change, jnp.ones_like(seg[:, :1], bool)], axis=1)
+    run_start = lax.cummax(jnp.where(first, idx, 0), axis=1)
+    run_end = lax.cummin(jnp.where(last, idx + 1, T), axis=1, reverse=True)
+    return run_start, run_end
+
+
 def query_ranges(mask: MaskSpec, batch: int, q_len: int, kv_len: int):
-    """Every MaskSpec without segments gives each query an interval of keys: returns
-    (start [B, T], end [B, T]) int32 with visible keys start <= s < end for query t of row b."""
+    """Every MaskSpec without segments, or with contiguous ones (has_ranges), gives each query an
+    interval of keys: returns (start [B, T], end [B, T]) int32 with visible keys start <= s < end
+    for query t of row b. A query that sees nothing may get any empty interval."""
+    if not has_ranges(mask):
+        raise InputError("query_ranges: segment ids that are not contiguous_segments have no interval per query")
     rows = lambda x, default: default if x is None else jnp.asarray(x, jnp.int32)[:, None]
     zeros = jnp.zeros((batch, q_len), jnp.int32)
     pos = rows(mask.q_offset, jnp.zeros((batch, 1), jnp.int32)) + jnp.arange(q_len, dtype=jnp.int32)[None, :]
@@ -171,6 +212,10 @@ def query_ranges(mask: MaskSpec, batch: int, q_len: int, kv_len: int):
         end, start = jnp.minimum(end, c_end), c_start
     elif window is not None:
         end, start = jnp.minimum(end, pos + window), pos - window + 1
+    if mask.q_segment_ids is not None:  # contiguous: the query's own run (T == S), padding sees nothing
+        seg = jnp.asarray(mask.q_segment_ids, jnp.int32)
+        run_start, run_end = segment_runs(seg)
+        start, end = jnp.maximum(start, run_start), jnp.where(seg >= 0, jnp.minimum(end, run_end), 0)
     return jnp.clip(start, 0, kv_len), jnp.clip(end, 0, kv_len)
 
 

@@ -19,8 +19,15 @@ depends on the patch bucket.
 Window attention (Qwen2.5-VL): HF reorders merge units so each window is contiguous, runs the blocks,
 and undoes the order after the merger. Attention with segment ids is permutation-equivariant, so
 the reorder is not needed for correctness; it is kept because it makes every window a contiguous
-key range (the flash kernel then skips whole key blocks of other windows) and it reproduces HF's
-summation order. Windows never split a merge unit, so the merger sees the same 2x2 groups.
+key range and it reproduces HF's summation order. Windows never split a merge unit, so the merger
+sees the same 2x2 groups.
+
+Segments are therefore contiguous runs by construction (images are concatenated, windows made
+contiguous by the reorder, bucket padding is one trailing run of -1; `vision_inputs` checks it),
+and the attention says so (`MaskSpec(contiguous_segments=True)`): every kernel then works per
+image / per window, cost Σ segment² instead of P² (docs/kernels.md, "Packed segments"). Windowed
+blocks also give the static bound on a window's length in patches (`max_segment_length`), which
+sizes the XLA path's key windows; a full-attention block's only static bound is the bucket.
 
 Param tree: patch_embed [t, h, w, C, D] (torch Conv3d OIDHW -> DHWIO); layers_{i}/{norm1,
 attn/{q,k,v: [D, N, H] (+bias [N, H]), o: [N, H, D] (+bias [D])}, norm2, mlp/{fc1,fc2} |
@@ -191,7 +198,22 @@ def vision_inputs(cfg: Qwen2VLVisionConfig, grid_thw, num_patches: int | None = 
         out["window_segments"] = _pad(np.repeat(wid, mu), P, -1)
         out["window_index"] = index.astype(np.int32)
         out["window_inverse"] = np.argsort(index).astype(np.int32)
+        if np.bincount(wid).max(initial=0) > cfg.window_units ** 2:
+            raise ValueError(f"window_segments: a window holds more than {cfg.window_units ** 2} merge units")
+    # The tower attends in window_index order (when windowed): every frame and window must be one run there.
+    for name in ("vision_segments", "window_segments"):
+        if name in out:
+            seg = out[name] if "window_index" not in out else out[name].reshape(-1, mu)[out["window_index"]].ravel()
+            _check_contiguous(name, seg)
     return out
+
+
+def _check_contiguous(name: str, seg: np.ndarray) -> None:
+    """Every id >= 0 forms one run (what MaskSpec(contiguous_segments=True) promises the kernels)."""
+    starts = seg[np.r_[True, seg[1:] != seg[:-1]]]
+    starts = starts[starts >= 0]
+    if starts.size != np.unique(starts).size:
+        raise ValueError(f"{name}: an id occurs in more than one run; the attention kernels assume one")
 
 
 def _pad(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
@@ -207,7 +229,9 @@ class VisionAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, rope, segments):  # x [1, P, D]; rope (cos, sin) [1, P, H]; segments [1, P]
+    def __call__(self, x, rope, segments, max_len=None):
+        """x [1, P, D]; rope (cos, sin) [1, P, H]; segments [1, P], contiguous runs (images or
+        windows, -1 padding); max_len: a static bound on a run's length in patches, or None."""
         D, N, H = self.cfg.hidden_size, self.cfg.num_heads, self.cfg.head_dim
         kw = dict(kernels=self.cfg.kernels)
         q = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H), self.dtype, name="q", **kw)(x)
@@ -217,7 +241,8 @@ class VisionAttention(nn.Module):
         cos, sin = rope
         q = apply_rope(q.astype(jnp.float32), cos, sin).astype(self.dtype)
         k = apply_rope(k.astype(jnp.float32), cos, sin).astype(self.dtype)
-        out = attention(q, k, v, MaskSpec(causal=False, q_segment_ids=segments), **kw)
+        mask = MaskSpec(causal=False, q_segment_ids=segments, contiguous_segments=True, max_segment_length=max_len)
+        out = attention(q, k, v, mask, **kw)
         return Einsum((N, H, D), "BTNH,NHD->BTD", (D,), self.dtype, name="o", **kw)(out)
 
 
@@ -226,10 +251,10 @@ class VisionBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, rope, segments):  # [1, P, D]
+    def __call__(self, x, rope, segments, max_len=None):  # [1, P, D]
         c = self.cfg
         x = x + VisionAttention(c, self.dtype, name="attn")(make_norm(c.norm, c.norm_eps, self.dtype, "norm1")(x),
-                                                           rope, segments)
+                                                           rope, segments, max_len)
         h = make_norm(c.norm, c.norm_eps, self.dtype, "norm2")(x)
         if c.gated_mlp:
             return x + GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, True, self.dtype, c.kernels,
@@ -266,8 +291,11 @@ class Qwen2VLVision(nn.Module):
         ps, tp, C, D = c.patch_size, c.temporal_patch_size, c.in_channels, c.hidden_size
         P = pixel_values.shape[0]
         kernel = self.param("patch_embed", nn.initializers.normal(0.02), (tp, ps, ps, C, D), self.dtype)
-        x = pixel_values.astype(self.dtype).reshape(P, C, tp, ps, ps)
-        x = jnp.einsum("PCthw,thwCD->PD", x, kernel)  # Conv3d with stride = kernel, as an einsum
+        # Conv3d with stride = kernel, as one product. The kernel (small) is put in the rows'
+        # (C, t, h, w) order: contracting the rows as "PCthw" made XLA transpose pixel_values, a
+        # [P, 1176] copy (77 MB for a 16k-patch bucket) in every call.
+        w = kernel.transpose(3, 0, 1, 2, 4).reshape(C * tp * ps * ps, D)  # [C*t*h*w, D]
+        x = jnp.einsum("PK,KD->PD", pixel_values.astype(self.dtype), w)
 
         windowed = c.window_size is not None
         if windowed:  # make each window contiguous (see the module docstring)
@@ -282,9 +310,11 @@ class Qwen2VLVision(nn.Module):
 
         x = x[None]  # [1, P, D]: one packed sequence
         full, local = vision_segments[None], (window_segments[None] if windowed else None)
+        window_len = c.window_units ** 2 * c.merge_unit if windowed else None  # patches in a window
         for i in range(c.num_layers):
-            seg = local if windowed and i not in c.fullatt_block_indexes else full
-            x = VisionBlock(c, self.dtype, name=f"layers_{i}")(x, rope, seg)
+            in_windows = windowed and i not in c.fullatt_block_indexes
+            seg, max_len = (local, window_len) if in_windows else (full, None)
+            x = VisionBlock(c, self.dtype, name=f"layers_{i}")(x, rope, seg, max_len)
             self.sow("intermediates", "hidden_states", x)  # a tuple, one entry per block
         out = PatchMerger(c, self.dtype, name="merger")(x)  # [U, O]
         if windowed:

@@ -8,8 +8,11 @@ Axis legend: B batch, T query tokens, S keys, N query heads, K kv heads, G = N /
 FFI call per layer, flash-attention style (docs/kernels.md, "CPU prefill attention"). ffi.py
 builds and registers it.
 
-`eligible(q, k, v, mask)` says whether it can: more than one query token, float32, head dim a
-multiple of 16, a mask without segment ids, and the library built. Whether it should is the
+`eligible(q, k, v, mask)` says whether it can: more than one query token, float32, a mask that
+gives one key interval per query (no segment ids, or contiguous ones: packed images, Qwen2.5-VL
+windows), and the library built. Any head dim. Work is proportional to the visible keys (each
+register tile of rows visits only the 32-key chunks its rows' intervals meet), so packed segments
+cost Σ segment², and nothing of size T x S is ever allocated. Whether it should is the
 KernelPolicy's `attention_cpu` (mmjax.kernels.attention asks both, in the CPU branch of its
 platform_dependent).
 """
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.kernels.cpu import ffi
+from mmjax.kernels.mask import has_ranges
 from mmjax.kernels.reference import softmax_attention
 
 __all__ = ["TARGET", "eligible", "interval_attention_reference", "prefill_attention_cpu"]
@@ -32,7 +36,7 @@ TARGET = "mmjax_prefill_attention_f32"
 def eligible(q, k, v, mask) -> bool:
     """Whether attention of q [B, T, N, H] over its own k/v [B, S, K, H] goes through this kernel."""
     f32 = jnp.dtype(jnp.float32)
-    return (q.shape[1] > 1 and q.shape[3] % 16 == 0 and mask.q_segment_ids is None
+    return (q.shape[1] > 1 and has_ranges(mask)
             and all(jnp.dtype(a.dtype) == f32 for a in (q, k, v))
             and ffi.available())
 
@@ -41,9 +45,9 @@ def prefill_attention_cpu(q, k, v, start, end, scale: float | None = None):
     """q [B, T, N, H] f32, k/v [B, S, K, H] f32, start/end [B, T] int32 -> [B, T, N, H] f32."""
     batch, q_len, num_heads, head_dim = q.shape
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim \
-            or num_heads % k.shape[2] or head_dim % 16:
-        raise ValueError(f"prefill_attention_cpu: expects q [B, T, N, H] and k/v [B, S, K, H] with K | N and "
-                         f"16 | H, got {q.shape}, {k.shape}, {v.shape}")
+            or num_heads % k.shape[2]:
+        raise ValueError(f"prefill_attention_cpu: expects q [B, T, N, H] and k/v [B, S, K, H] with K | N, "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
     if ffi.load() is None:
         raise RuntimeError(f"prefill_attention_cpu: kernel unavailable ({ffi.error()})")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
