@@ -396,3 +396,14 @@ def test_pixel_shuffle_by_hand():
     np.testing.assert_array_equal(out[0], [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])
     with pytest.raises(ValueError, match="not a square grid"):
         pixel_shuffle(jnp.zeros((1, 17, 2)), 2)
+
+
+def test_register_component_needs_a_config_dataclass():
+    from mmjax.components import register_component
+    from mmjax.errors import InputError
+
+    class NotAConfig:
+        pass
+
+    with pytest.raises(InputError, match="must be a frozen dataclass subclassing mmjax.config.ConfigBase"):
+        register_component("projector", "oops", NotAConfig, object)
