@@ -2,6 +2,7 @@
 packed images and windows must cost Σ segment², not P²).
 
     python -m benchmarks.images [--work DIR] [--sizes 896 1344 2048] [--variants qwen2_5_vl qwen2_vl]
+                                [--no-warm-cache] [--no-logits]
 
 Builds tiny random Qwen2.5-VL / Qwen2-VL checkpoints (vision hidden 32, 2 layers; decoder hidden 64)
 whose processor accepts up to 2048² pixels, converts them, then for each square image size runs
@@ -14,6 +15,13 @@ Then the vision tower alone, the same way in another fresh process per side, on 
 generate gives it (mmjax: the patch-bucket padded batch through ComposedVLM.image_features,
 jitted; HF: get_image_features): inputs built, RSS noted, one warm-up call (mmjax compiles),
 one timed call; peak RSS above that baseline.
+
+Also, unless turned off: mmjax's generate once more with its persistent compilation cache warm
+(mmjax's default; a first process fills a cache folder under --work, a second one is measured:
+it loads the executables instead of compiling them), and the logits of both sides on the same
+inputs (mmjax.forward at exact sizes against HF's forward; max |Δ|).
+
+MMJAX_CPU_ATTENTION=0 in the environment runs mmjax's attention on XLA's ops (the XLA path).
 """
 from __future__ import annotations
 
@@ -49,7 +57,7 @@ print(json.dumps({"s": dt, "peak_mb": peak() - base, "tokens": None if tower els
 
 _MMJAX = _COMMON + r"""
 import mmjax
-model = mmjax.load(folder, compile_cache=False)
+model = mmjax.load(folder, compile_cache="MMJAX_COMPILE_CACHE_DIR" in os.environ)
 run = lambda: mmjax.generate(model, [img], "<image>" + prompt, max_new_tokens=n_new, min_new_tokens=n_new,
                              chat_template=False).token_ids
 if tower:
@@ -81,8 +89,26 @@ if tower:
 """ + _RUN
 
 
-def one(code: str, folder: str, size: int, what: str = "generate") -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+_LOGITS = _COMMON + r"""
+import torch, mmjax
+from transformers import AutoModelForImageTextToText, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from mmjax.testing.qwen_checkpoints import _without_video
+torch.set_grad_enabled(False)
+hf_dir, flax_dir = folder.split(os.pathsep)
+hf = AutoModelForImageTextToText.from_pretrained(hf_dir).eval()
+cls = Qwen2_5_VLProcessor if hf.config.model_type == "qwen2_5_vl" else Qwen2VLProcessor
+b = _without_video(cls).from_pretrained(hf_dir)(images=[img], text="<|vision_start|><|image_pad|><|vision_end|>" + prompt,
+                                                return_tensors="pt")
+want = hf(**b).logits.numpy()
+model = mmjax.load(flax_dir, compile_cache=False)
+got = mmjax.forward(model, b["input_ids"].numpy(), pixel_values=b["pixel_values"].numpy(),
+                    image_grid_thw=b["image_grid_thw"].numpy())
+print(json.dumps({"max_abs": float(np.abs(got - want).max())}))
+"""
+
+
+def one(code: str, folder: str, size: int, what: str = "generate", env=None) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     done = subprocess.run([sys.executable, "-c", code, folder, str(size), str(N_NEW), what], capture_output=True,
                           text=True, env=env)
     if done.returncode != 0:
@@ -96,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[896, 1344, 2048])
     ap.add_argument("--variants", nargs="+", default=["qwen2_5_vl", "qwen2_vl"])
     ap.add_argument("--sides", nargs="+", default=["hf", "mmjax"])
+    ap.add_argument("--no-warm-cache", dest="warm_cache", action="store_false")
+    ap.add_argument("--no-logits", dest="logits", action="store_false")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from converters.torch2flax import convert
@@ -116,20 +144,31 @@ def main(argv=None) -> int:
                 res[side] = one(code, folder, size)
                 tower = one(code, folder, size, "tower")
                 res[side].update(vision_s=tower.get("s"), vision_peak_mb=tower.get("peak_mb"))
+                if side == "mmjax" and args.warm_cache:
+                    cache = {"MMJAX_COMPILE_CACHE_DIR": os.path.join(work, "jax-cache", f"{variant}-{size}")}
+                    one(code, folder, size, env=cache)  # fills the cache
+                    warm = one(code, folder, size, env=cache)
+                    res[side].update(warm_s=warm.get("s"), warm_peak_mb=warm.get("peak_mb"))
+            if args.logits:
+                res["logits"] = one(_LOGITS, os.pathsep.join([hf_dir, flax_dir]), size)
             rows.append((variant, size, res))
             print(json.dumps({"variant": variant, "size": size, **res}), flush=True)
     print("\n| model | image | HF time | mmjax time | ratio | HF peak MB | mmjax peak MB | ratio | tokens same "
-          "| HF tower | mmjax tower | HF tower MB | mmjax tower MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| logits max abs diff | HF tower | mmjax tower | HF tower MB | mmjax tower MB | mmjax, cache warm: time, peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda x, f: "" if x is None else format(x, f)
     for variant, size, r in rows:
         h, m = r.get("hf", {}), r.get("mmjax", {})
         if "s" not in h or "s" not in m:
-            print(f"| {variant} | {size}² | {h.get('s', h.get('error'))} | {m.get('s', m.get('error'))} |" + " |" * 9)
+            print(f"| {variant} | {size}² | {h.get('s', h.get('error'))} | {m.get('s', m.get('error'))} |" + " |" * 11)
             continue
+        lg = r.get("logits", {})
         print(f"| {variant} | {size}² | {h['s']:.2f} s | {m['s']:.2f} s | {m['s'] / h['s']:.2f}x | "
               f"{h['peak_mb']:.0f} | {m['peak_mb']:.0f} | {m['peak_mb'] / max(h['peak_mb'], 1):.2f}x | "
-              f"{'yes' if h['tokens'] == m['tokens'] else 'NO'} | {h['vision_s']:.2f} s | {m['vision_s']:.2f} s | "
-              f"{h['vision_peak_mb']:.0f} | {m['vision_peak_mb']:.0f} |")
+              f"{'yes' if h['tokens'] == m['tokens'] else 'NO'} | {fmt(lg.get('max_abs'), '.1e') or lg.get('error', '')} | "
+              f"{fmt(h.get('vision_s'), '.2f')} s | {fmt(m.get('vision_s'), '.2f')} s | "
+              f"{fmt(h.get('vision_peak_mb'), '.0f')} | {fmt(m.get('vision_peak_mb'), '.0f')} | "
+              f"{fmt(m.get('warm_s'), '.2f')} s, {fmt(m.get('warm_peak_mb'), '.0f')} |")
     return 0
 
 
