@@ -28,7 +28,6 @@ kernels' tolerances (tests/test_kernels.py).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
