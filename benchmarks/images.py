@@ -82,7 +82,8 @@ proc = _without_video(cls).from_pretrained(folder)
 text = "<|vision_start|><|image_pad|><|vision_end|>" + prompt
 def run():
     b = proc(images=[img], text=text, return_tensors="pt")
-    return model.generate(**b, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)[0, b["input_ids"].shape[1]:].tolist()
+    out = model.generate(**b, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    return out[0, b["input_ids"].shape[1]:].tolist()
 if tower:
     b = proc(images=[img], text=text, return_tensors="pt")
     run = lambda: model.model.get_image_features(b["pixel_values"], b["image_grid_thw"])
@@ -97,8 +98,8 @@ torch.set_grad_enabled(False)
 hf_dir, flax_dir = folder.split(os.pathsep)
 hf = AutoModelForImageTextToText.from_pretrained(hf_dir).eval()
 cls = Qwen2_5_VLProcessor if hf.config.model_type == "qwen2_5_vl" else Qwen2VLProcessor
-b = _without_video(cls).from_pretrained(hf_dir)(images=[img], text="<|vision_start|><|image_pad|><|vision_end|>" + prompt,
-                                                return_tensors="pt")
+proc = _without_video(cls).from_pretrained(hf_dir)
+b = proc(images=[img], text="<|vision_start|><|image_pad|><|vision_end|>" + prompt, return_tensors="pt")
 want = hf(**b).logits.numpy()
 model = mmjax.load(flax_dir, compile_cache=False)
 got = mmjax.forward(model, b["input_ids"].numpy(), pixel_values=b["pixel_values"].numpy(),
@@ -154,7 +155,8 @@ def main(argv=None) -> int:
             rows.append((variant, size, res))
             print(json.dumps({"variant": variant, "size": size, **res}), flush=True)
     print("\n| model | image | HF time | mmjax time | ratio | HF peak MB | mmjax peak MB | ratio | tokens same "
-          "| logits max abs diff | HF tower | mmjax tower | HF tower MB | mmjax tower MB | mmjax, cache warm: time, peak MB |")
+          "| logits max abs diff | HF tower | mmjax tower | HF tower MB | mmjax tower MB "
+          "| mmjax, cache warm: time, peak MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x, f: "" if x is None else format(x, f)
     for variant, size, r in rows:
@@ -165,10 +167,11 @@ def main(argv=None) -> int:
         lg = r.get("logits", {})
         print(f"| {variant} | {size}² | {h['s']:.2f} s | {m['s']:.2f} s | {m['s'] / h['s']:.2f}x | "
               f"{h['peak_mb']:.0f} | {m['peak_mb']:.0f} | {m['peak_mb'] / max(h['peak_mb'], 1):.2f}x | "
-              f"{'yes' if h['tokens'] == m['tokens'] else 'NO'} | {fmt(lg.get('max_abs'), '.1e') or lg.get('error', '')} | "
+              f"{'yes' if h['tokens'] == m['tokens'] else 'NO'} | "
+              f"{fmt(lg.get('max_abs'), '.1e') or lg.get('error', '')} | "
               f"{fmt(h.get('vision_s'), '.2f')} s | {fmt(m.get('vision_s'), '.2f')} s | "
               f"{fmt(h.get('vision_peak_mb'), '.0f')} | {fmt(m.get('vision_peak_mb'), '.0f')} | "
-              f"{fmt(m.get('warm_s'), '.2f')} s, {fmt(m.get('warm_peak_mb'), '.0f')} |")
+              + (f"{m['warm_s']:.2f} s, {m['warm_peak_mb']:.0f} |" if m.get("warm_s") is not None else " |"))
     return 0
 
 
