@@ -25,6 +25,7 @@ from converters.torch2flax import main as convert_cli
 from tests.autoport_parts import build_tower_vlm
 from tests.autoport_vlm import AUTOPORT_FLAG, FAMILY
 from tests.custom_vlm.checkpoint import save_acme_checkpoint
+from tests.custom_vlm.torch_model import torch_greedy
 from tests.tolerances import tol
 
 MODEL = "tests.autoport_vlm:FAMILY"
@@ -84,13 +85,8 @@ def test_greedy_32_tokens_match_a_torch_loop(tower_vlm):
     inputs = model.preprocess(tower_vlm.image, prompt)
     q = model.config.image_seq_length
     eos = list(model.tokenizer.eos_token_ids)
-    px, ids, ref = torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["input_ids"][:, q:]).long(), []
-    with torch.no_grad():  # no cache: the whole sequence again at every step
-        for _ in range(32):
-            logits = torch_model(px, ids)[0, -1]
-            logits[eos] = -float("inf")  # min_new_tokens=32: stop tokens are not eligible
-            ref.append(int(logits.argmax()))
-            ids = torch.cat([ids, torch.tensor([[ref[-1]]])], dim=1)
+    px, ids = torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["input_ids"][:, q:]).long()
+    ref = torch_greedy(torch_model, px, ids, eos)
     print("TowerVLM greedy:", out.token_ids)
     assert out.token_ids == ref and len(set(ref)) > 3
 

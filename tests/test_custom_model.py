@@ -35,6 +35,7 @@ from mmjax.errors import InputError
 from mmjax.kernels.attention import MaskSpec
 from mmjax.projectors.pixel_shuffle import pixel_shuffle
 from mmjax.vision.vit import ViT, ViTConfig, posemb_sincos_2d
+from tests.custom_vlm.torch_model import torch_greedy
 from tests.tolerances import tol
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,13 +100,7 @@ def test_tutorial_greedy_matches_torch_loop(tutorial):
     eos = list(model.tokenizer.eos_token_ids)
     px = torch.from_numpy(inputs["pixel_values"])
     ids = torch.from_numpy(inputs["input_ids"][:, q:]).long()
-    ref = []
-    with torch.no_grad():  # no cache: the whole sequence again at every step
-        for _ in range(32):
-            logits = torch_model(px, ids)[0, -1]
-            logits[eos] = -float("inf")  # min_new_tokens=32: stop tokens are not eligible
-            ref.append(int(logits.argmax()))
-            ids = torch.cat([ids, torch.tensor([[ref[-1]]])], dim=1)
+    ref = torch_greedy(torch_model, px, ids, eos)
     print("AcmeVLM greedy:", out.token_ids)
     assert out.token_ids == ref
     assert len(set(ref)) > 3  # a decisive, non-constant continuation

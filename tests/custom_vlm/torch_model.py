@@ -198,3 +198,18 @@ def build_acme(seed=0, std=0.1):
             else:  # LayerNorm weights around 1
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     return model
+
+
+def torch_greedy(torch_model, px, ids, eos, n: int = 32) -> list[int]:
+    """n greedy tokens from a (pixels, text ids) -> logits model, without a cache (the whole
+    sequence again at every step); stop tokens are never eligible (as min_new_tokens=n)."""
+    import torch
+
+    ref = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = torch_model(px, ids)[0, -1]
+            logits[eos] = -float("inf")
+            ref.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[ref[-1]]])], dim=1)
+    return ref
