@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.kernels.attention import MaskSpec, attention
+from mmjax.kernels.paged_attention import paged_attention, write_pages
 from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Einsum
 from mmjax.layers.rope import apply_rope
@@ -55,6 +56,9 @@ class Attention(nn.Module):
 
         Without a cache, attends over this call's own T keys and returns (y, {"k","v"}: [B, T, K, H]).
         With one, writes this call's keys at write_index [B] and attends over the cache.
+        A paged cache (the serving engine's: {"k","v": pages [K, P, Z, H], "slots": [B, T],
+        "block_tables": [B, L]}, mmjax.kernels.paged_attention) takes one decode token per row:
+        its keys go to `slots`, and it attends to keys 0..mask.kv_lengths[b]-1 through the table.
         """
         D, N, K, H = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         kw = dict(kernels=self.kernels)
@@ -64,7 +68,12 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if cache is not None and "block_tables" in cache:
+            new_cache = {**cache, "k": write_pages(cache["k"], k, cache["slots"]),
+                         "v": write_pages(cache["v"], v, cache["slots"])}
+            out = paged_attention(q, new_cache["k"], new_cache["v"], cache["block_tables"], mask.kv_lengths,
+                                  kernels=self.kernels)
+        elif cache is None:
             new_cache = {"k": k, "v": v}
             out = attention(q, k, v, mask, kernels=self.kernels)  # [B, T, N, H]
         else:

@@ -20,6 +20,8 @@ Fusion (how images join the text):
             (LLaVA, Qwen2-VL).
 Positions: batch["position_ids"] ([B, T], or [3, B, T] for M-RoPE) when the family's prepare
 step built them, else 0..T-1; batch["rope_deltas"] [B] is what decode adds to a cache index.
+batch["image_features"] (what image_features returned for the same images) replaces the pixels:
+the serving engine encodes an image once and keeps its features (mmjax.serving.encoder_cache).
 
 Axis legend: B rows, I images, T tokens, Q tokens per image, U packed image tokens,
 D decoder dim, V vocab.
@@ -162,8 +164,11 @@ class ComposedVLM(nn.Module):
         ids = batch["input_ids"]  # [B, T]
         B, T = ids.shape
         x = self.decoder.embed_tokens(ids)  # [B, T, D]
-        if batch.get("pixel_values") is not None:
-            feats = self.image_features(batch).astype(x.dtype)  # [I, Q, D] or [U, D]
+        feats = batch.get("image_features")  # precomputed (the serving engine's encoder cache)
+        if feats is None and batch.get("pixel_values") is not None:
+            feats = self.image_features(batch)
+        if feats is not None:
+            feats = feats.astype(x.dtype)  # [I, Q, D] or [U, D]
             if c.fusion == "prefix":
                 Q = feats.shape[1]
                 # row b takes image b; generation pads images and rows to their own buckets

@@ -1,0 +1,140 @@
+"""Decode attention through a block table: the serving engine's paged KV cache.
+
+Axis legend: B rows, N query heads, K kv heads, H head dim, P pages in the pool, Z page size
+(tokens per page), L pages per row (the block table's width, a bucket), S = L * Z.
+
+The pool of one layer is k/v_pages [K, P, Z, H] (the layout of JAX's Pallas paged-attention
+kernels, GPU and TPU). Row b's keys are the pages block_tables[b, :] in order; it sees keys
+0 <= s < lengths[b]. Page 0 is the engine's null page: padding entries point at it and are
+masked by lengths.
+
+`paged_attention(q, k_pages, v_pages, block_tables, lengths, kernels=...)` is chosen per lowering
+platform by the one KernelPolicy (policy.dispatch):
+  * cpu  "cpu":     the row's pages gathered into [B, K, S, H], then the C++ decode kernel
+                    (cpu.decode_attention reads only [0, lengths[b]) of each row).
+  * any  "xla":     paged_attention_reference: the same gather, einsum softmax.
+  * cuda "pallas":  jax.experimental.pallas.ops.gpu.paged_attention (reads pages in place).
+  * tpu  "pallas":  jax.experimental.pallas.ops.tpu.paged_attention (head dim a multiple of 128).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.errors import InputError
+from mmjax.kernels.cpu import decode_attention as cpu_decode
+from mmjax.kernels.mask import MaskSpec
+from mmjax.kernels.policy import KernelPolicy, dispatch
+from mmjax.kernels.reference import softmax_attention
+
+__all__ = ["gather_pages", "paged_attention", "paged_attention_reference", "write_pages"]
+
+DEFAULT = KernelPolicy()
+LANES = 128  # TPU kernel: head dim a multiple of the lane width
+
+
+def write_pages(pages, new, slots):
+    """pages [K, P, Z, H] <- new [B, T, K, H] at flat slots [B, T] (page * Z + offset); in place
+    when donated. Slots of padding tokens point into the null page 0."""
+    K, P, Z, H = pages.shape
+    flat = pages.reshape(K, P * Z, H)
+    upd = new.reshape(-1, K, H).swapaxes(0, 1).astype(pages.dtype)  # [K, B*T, H]
+    return flat.at[:, slots.reshape(-1)].set(upd, mode="promise_in_bounds").reshape(K, P, Z, H)
+
+
+def gather_pages(pages, block_tables):
+    """pages [K, P, Z, H], block_tables [B, L] -> [B, K, L*Z, H] (each row's keys in order)."""
+    K, _, Z, H = pages.shape
+    B, L = block_tables.shape
+    return pages[:, block_tables].transpose(1, 0, 2, 3, 4).reshape(B, K, L * Z, H)
+
+
+def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=None):
+    """q [B, 1, N, H] -> [B, 1, N, H]: einsum softmax over the gathered pages, float32 softmax."""
+    k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+    ok = jnp.arange(k.shape[2])[None, :] < lengths[:, None]  # [B, S]
+    return softmax_attention(q, k, v, ok[:, None, None, None, :], scale, kv_layout="BKSH")
+
+
+def _check(q, k_pages, v_pages, block_tables, lengths):
+    if q.ndim != 4 or q.shape[1] != 1:
+        raise InputError(f"paged_attention: q must be [B, 1, N, H] (one decode token per row), got {q.shape}")
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise InputError(f"paged_attention: k/v pages must be [K, P, Z, H] and alike, got {k_pages.shape} / "
+                         f"{v_pages.shape}")
+    B, _, N, H = q.shape
+    K = k_pages.shape[0]
+    if k_pages.shape[3] != H or N % K:
+        raise InputError(f"paged_attention: q {q.shape} does not fit pages {k_pages.shape} (head dim, N % K)")
+    if block_tables.shape[0] != B or lengths.shape != (B,):
+        raise InputError(f"paged_attention: block_tables {block_tables.shape} / lengths {lengths.shape} do not "
+                         f"have the {B} rows of q")
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, kernels: KernelPolicy = DEFAULT,
+                    scale: float | None = None):
+    """q [B, 1, N, H]; k/v_pages [K, P, Z, H]; block_tables [B, L] int32; lengths [B] int32
+    (keys 0 <= s < lengths[b] visible, >= 1) -> [B, 1, N, H] in q's dtype."""
+    _check(q, k_pages, v_pages, block_tables, lengths)
+    lengths = lengths.astype(jnp.int32)
+    block_tables = block_tables.astype(jnp.int32)
+    plan = functools.partial(_plan, kernels, q, k_pages, scale)
+    return dispatch(kernels, plan, q, k_pages, v_pages, block_tables, lengths)
+
+
+def _plan(kernels: KernelPolicy, q, k_pages, scale, platform: str | None):
+    xla = ("xla",), functools.partial(_xla, scale=scale)
+    choice = "xla" if platform is None else kernels.attention(platform)
+    if choice == "xla":
+        return xla
+    if choice == "cpu":
+        B, _, N, H = q.shape
+        kv = jax.ShapeDtypeStruct((B, k_pages.shape[0], 1, H), k_pages.dtype)  # the gathered [B, K, S, H]
+        if cpu_decode.eligible(q, kv, kv,
+                               MaskSpec(causal=True, kv_lengths=jnp.zeros((B,), jnp.int32))):
+            return ("cpu",), functools.partial(_cpu, scale=scale)
+        return xla
+    if platform == "tpu":
+        if q.shape[3] % LANES == 0 and k_pages.shape[2] % 8 == 0:
+            return ("tpu",), functools.partial(_tpu, scale=scale)
+        return xla
+    if platform == "cpu":  # "pallas" on CPU: the GPU kernel in interpret mode
+        return ("triton", True), functools.partial(_gpu, scale=scale, interpret=True)
+    return ("triton", False), functools.partial(_gpu, scale=scale, interpret=False)
+
+
+def _xla(q, k_pages, v_pages, block_tables, lengths, *, scale):
+    return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale)
+
+
+def _cpu(q, k_pages, v_pages, block_tables, lengths, *, scale):
+    k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+    return cpu_decode.decode_attention_cpu(q, k, v, jnp.zeros_like(lengths), lengths, scale)
+
+
+def _scaled(q, scale):  # the Pallas paged kernels take q already scaled, [B, N, H]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return (q[:, 0].astype(jnp.float32) * scale).astype(q.dtype)
+
+
+def _gpu(q, k_pages, v_pages, block_tables, lengths, *, scale, interpret):
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_paged
+
+    L = block_tables.shape[1]
+    splits = max(d for d in range(1, 17) if L % d == 0)
+    per_block = max(d for d in range(1, 9) if (L // splits) % d == 0)
+    out = gpu_paged(_scaled(q, scale), k_pages, v_pages, block_tables, lengths, k_splits=splits,
+                    pages_per_compute_block=per_block, interpret=interpret)
+    return out[:, None].astype(q.dtype)
+
+
+def _tpu(q, k_pages, v_pages, block_tables, lengths, *, scale):
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged
+
+    L = block_tables.shape[1]
+    per_block = max(d for d in range(1, 17) if L % d == 0)
+    out = tpu_paged(_scaled(q, scale), k_pages, v_pages, lengths, block_tables, pages_per_compute_block=per_block)
+    return out[:, None].astype(q.dtype)
