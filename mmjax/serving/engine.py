@@ -56,7 +56,7 @@ def _pow2_upto(n: int) -> tuple[int, ...]:
     return tuple(out) + (n,)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: a sequence is itself, whatever its fields
 class _Seq:
     req: Request
     stops: frozenset
@@ -89,7 +89,8 @@ class ServingEngine:
                              "context and the largest prompt bucket)")
         self.max_num_seqs, self.page_size = max_num_seqs, page_size
         self.max_waiting, self.max_prefill_tokens = max_waiting, max_prefill_tokens
-        self.steps = PagedSteps(model.module)
+        # one set of jitted programs per loaded model, shared by its engines (compiled once)
+        self.steps = model.__dict__.setdefault("_serving_steps", PagedSteps(model.module))
         self.max_pages_per_seq = pages_for(self.max_model_len, page_size)
         self.page_buckets = _pow2_upto(self.max_pages_per_seq)
         self.batch_buckets = tuple(b for b in model.buckets.batch if b < max_num_seqs) + (max_num_seqs,)
