@@ -301,7 +301,7 @@ class ServingEngine:
         ids = np.asarray([seq.req.prompt_token_ids + seq.tokens[:known - seq.req.num_prompt_tokens]], np.int32)
         lengths = np.asarray([known], np.int32)
         batch = _bucketed_batch(self.model, {"input_ids": ids, **seq.req.mm_inputs}, lengths)
-        if seq.req.mm_inputs and self._vision_keys is not None:
+        if batch.get("pixel_values") is not None and self._vision_keys is not None:
             batch = self._with_image_features(seq.req, batch)
         T = batch["input_ids"].shape[1]
         slots = slot_mapping(seq.pages, 0, known, self.page_size, width=T)[None]
@@ -313,9 +313,12 @@ class ServingEngine:
             self._append(seq, int(tok[0]))
 
     def _with_image_features(self, req: Request, batch: dict) -> dict:
-        key = image_key(self.model.path, req.mm_inputs)
-        feats = self.encoder_cache.get(key)
+        """The batch with the encoder's inputs replaced by their features, taken from the encoder
+        cache when the same inputs were encoded before (the key is the hash of exactly what the
+        encoder reads, so a prompt-dependent array never splits the entry)."""
         vision = {k: v for k, v in batch.items() if k in self._vision_keys}
+        key = image_key(self.model.path, {k: np.asarray(v) for k, v in vision.items()})
+        feats = self.encoder_cache.get(key)
         if feats is None:
             feats = self.steps.encode(self.model.params, vision)
             self.encoder_cache.put(key, feats)
