@@ -37,6 +37,7 @@ from mmjax.errors import InputError, MmjaxError
 from mmjax.generation.sampling import SamplingParams
 from mmjax.kernels.attention import MaskSpec
 from mmjax.serving.encoder_cache import EncoderCache, image_key
+from mmjax.sharding.rules import logical_to_spec
 from mmjax.serving.pages import NULL_PAGE, PagePool, pages_for, slot_mapping
 from mmjax.serving.request import Request, RequestOutput
 from mmjax.serving.steps import PagedSteps, RowArgs
@@ -54,6 +55,14 @@ def _pow2_upto(n: int) -> tuple[int, ...]:
         out.append(v)
         v *= 2
     return tuple(out) + (n,)
+
+
+def pool_sharding(mesh, shape):
+    """One layer's page pool [K, P, Z, H] on a mesh: kv heads over `model` (as the static
+    cache's K), the rest replicated; heads that do not divide fall back to replicated."""
+    from jax.sharding import NamedSharding
+
+    return NamedSharding(mesh, logical_to_spec("serving page pool", shape, ("K", None, None, None), mesh))
 
 
 @dataclasses.dataclass(eq=False)  # identity: a sequence is itself, whatever its fields
@@ -75,8 +84,6 @@ class ServingEngine:
                  max_prefill_tokens: int = 2048, encoder_cache_mb: int = 256):
         if not hasattr(model.module, "decode"):
             raise InputError(f"ServingEngine: family {model.family.name!r} has no decoder")
-        if model.mesh is not None:
-            raise InputError("ServingEngine: a model loaded with a mesh is not served yet (docs/serving.md)")
         for name, v in (("max_num_seqs", max_num_seqs), ("page_size", page_size), ("max_waiting", max_waiting),
                         ("max_prefill_tokens", max_prefill_tokens)):
             if not isinstance(v, int) or v <= 0:
@@ -89,8 +96,6 @@ class ServingEngine:
                              "context and the largest prompt bucket)")
         self.max_num_seqs, self.page_size = max_num_seqs, page_size
         self.max_waiting, self.max_prefill_tokens = max_waiting, max_prefill_tokens
-        # one set of jitted programs per loaded model, shared by its engines (compiled once)
-        self.steps = model.__dict__.setdefault("_serving_steps", PagedSteps(model.module))
         self.max_pages_per_seq = pages_for(self.max_model_len, page_size)
         self.page_buckets = _pow2_upto(self.max_pages_per_seq)
         self.batch_buckets = tuple(b for b in model.buckets.batch if b < max_num_seqs) + (max_num_seqs,)
@@ -102,8 +107,12 @@ class ServingEngine:
             num_pages = max(2, min(want, int(kv_cache_mb * 2**20 // per_page)))
         self.pool = PagePool(int(num_pages), page_size)
         self.kv_bytes = per_page * self.pool.num_pages
-        self.pools = [{n: jnp.zeros((K, self.pool.num_pages, page_size, H), model.dtype) for n in ("k", "v")}
-                      for K, H in layers]
+        shape = lambda K, H: (K, self.pool.num_pages, page_size, H)  # noqa: E731
+        self.pool_shardings = None if model.mesh is None else [pool_sharding(model.mesh, shape(K, H)) for K, H in layers]
+        self.pools = [{n: self._zeros(shape(K, H), i) for n in ("k", "v")} for i, (K, H) in enumerate(layers)]
+        # one set of jitted programs per loaded model, shared by its engines (compiled once); with
+        # a mesh the pools are split over kv heads like the static cache (docs/serving.md)
+        self.steps = model.__dict__.setdefault("_serving_steps", PagedSteps(model.module, self.pool_shardings))
         self.encoder_cache = EncoderCache(encoder_cache_mb * 2**20)
         vision_type = getattr(model.config, "vision_type", None)
         self._vision_keys = None if vision_type is None or not hasattr(model.module, "image_features") else \
@@ -115,6 +124,11 @@ class ServingEngine:
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: list[_Seq] = []
         self.preemptions = 0
+
+    def _zeros(self, shape, layer):
+        if self.pool_shardings is None:
+            return jnp.zeros(shape, self.model.dtype)
+        return jax.jit(lambda: jnp.zeros(shape, self.model.dtype), out_shardings=self.pool_shardings[layer])()
 
     @property
     def tokenizer(self):

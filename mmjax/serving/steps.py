@@ -63,8 +63,11 @@ class PagedSteps:
     """The jitted programs of one module (one compile per bucket tuple; count them with
     `compiled()`)."""
 
-    def __init__(self, module):
+    def __init__(self, module, pool_shardings=None):
+        """pool_shardings: with a mesh, each layer's pool sharding, pinned on every step's output
+        so the donated pools keep one layout."""
         self.module = module
+        self.pool_shardings = pool_shardings
         self.encode = jax.jit(self._encode)
         self.prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("greedy",))
         self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("greedy",))
@@ -86,7 +89,7 @@ class PagedSteps:
 
         logits, kv, pos_offset = self.module.apply({"params": params}, method=run)
         pools = [{n: write_pages(p[n], c[n], slots) for n in ("k", "v")} for p, c in zip(pools, kv)]
-        return pools, select_rows(logits, rows, greedy), pos_offset.astype(jnp.int32)
+        return self._pin(pools), select_rows(logits, rows, greedy), pos_offset.astype(jnp.int32)
 
     def _decode(self, params, pools, last, index, pos_offset, slots, block_tables, rows: RowArgs, *, greedy: bool):
         """One token per row: last [B] at cache slot index [B] (its keys go to slots [B]); rows
@@ -101,4 +104,10 @@ class PagedSteps:
 
         logits, new = self.module.apply({"params": params}, method=run)
         pools = [{n: c[n] for n in ("k", "v")} for c in new]
-        return pools, select_rows(logits, rows, greedy)
+        return self._pin(pools), select_rows(logits, rows, greedy)
+
+    def _pin(self, pools):
+        if self.pool_shardings is None:
+            return pools
+        return [{n: jax.lax.with_sharding_constraint(p[n], s) for n in ("k", "v")}
+                for p, s in zip(pools, self.pool_shardings)]
