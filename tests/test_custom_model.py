@@ -402,3 +402,23 @@ def test_register_component_needs_a_config_dataclass():
 
     with pytest.raises(InputError, match="must be a frozen dataclass subclassing mmjax.config.ConfigBase"):
         register_component("projector", "oops", NotAConfig, object)
+
+
+def test_serving_engine_answers_as_generate_alone(tutorial):
+    """The tutorial's AcmeVLM (image prefix, prefix-LM mask, NeoX decoder) served with continuous
+    batching: 32 mixed requests, each equal to mmjax.generate on it alone."""
+    from PIL import Image
+
+    from mmjax.serving import ServingEngine
+    from serving_cases import assert_served_like_alone, mixed_cases
+
+    model = tutorial["model"]
+    images = [tutorial["image"]] + [Image.fromarray(np.random.default_rng(i).integers(0, 256, (20 + 9 * i, 64, 3),
+                                                                                      np.uint8)) for i in range(3)]
+    cases = mixed_cases(images, ["Describe the image.", "What color is the cat?", "Hi."], max_new=(2, 14))
+    for kw in cases:  # the image prefix is added by the processor: no marker in the prompt
+        kw["prompt"] = kw["prompt"].replace("<image>", "")
+        if kw["images"] is None:
+            kw["images"] = [images[0]]  # AcmeVLM always has its image prefix
+    eng = ServingEngine(model, max_num_seqs=8, page_size=8)
+    assert_served_like_alone(model, eng, cases)

@@ -231,3 +231,19 @@ def test_max_pixels_per_request_matches_hf(ckpts):
         model.preprocess([img], "<image>x", mm_processor_kwargs={"max_pixels": -5})
     with pytest.raises(InputError, match="min_pixels=9999 > max_pixels=4704"):
         model.preprocess([img], "<image>x", mm_processor_kwargs={"max_pixels": cap, "min_pixels": 9999})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_serving_engine_answers_as_generate_alone(ckpts, variant):
+    """32 mixed requests (1 image of 4 sizes or none, varied prompts, greedy and sampled, varied
+    max_new_tokens) through continuous batching: each equals mmjax.generate on it alone (M-RoPE
+    deltas and packed/windowed images per request)."""
+    from mmjax.serving import ServingEngine
+    from serving_cases import assert_served_like_alone, mixed_cases
+
+    model = ckpts[variant][0]
+    cases = mixed_cases(list(IMAGES.values()), [PROMPT, "Hi.", "What is it?"], n=32 if variant == "qwen2_vl" else 12,
+                        max_new=(2, 12))
+    eng = ServingEngine(model, max_num_seqs=8, page_size=8)
+    assert_served_like_alone(model, eng, cases)
+    assert eng.stats()["encoder_cache_hits"] > 0

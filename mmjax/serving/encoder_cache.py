@@ -1,8 +1,9 @@
 """Image features kept by the hash of the preprocessed pixels, bounded in bytes (LRU).
 
 A follow-up turn that sends the same image again is not re-encoded: the key is a SHA-256 of
-the processor's image arrays (names, dtypes, shapes and bytes) and of the model, the value the
-projector's output on the device (what ComposedVLM.image_features returns). vLLM and SGLang
+the encoder's input arrays (names, dtypes, shapes and bytes: the preprocessed pixels and the
+vision component's own inputs, as bucketed) and of the model, the value the projector's output
+on the device (what ComposedVLM.image_features returns). vLLM and SGLang
 cache encoder outputs the same way; LMDeploy turns prefix caching off for VLMs instead.
 The unit is one request's image set (all its images together).
 """

@@ -56,7 +56,7 @@ def _pow2_upto(n: int) -> tuple[int, ...]:
     return tuple(out) + (n,)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: a sequence is itself, whatever its fields
 class _Seq:
     req: Request
     stops: frozenset
@@ -89,7 +89,8 @@ class ServingEngine:
                              "context and the largest prompt bucket)")
         self.max_num_seqs, self.page_size = max_num_seqs, page_size
         self.max_waiting, self.max_prefill_tokens = max_waiting, max_prefill_tokens
-        self.steps = PagedSteps(model.module)
+        # one set of jitted programs per loaded model, shared by its engines (compiled once)
+        self.steps = model.__dict__.setdefault("_serving_steps", PagedSteps(model.module))
         self.max_pages_per_seq = pages_for(self.max_model_len, page_size)
         self.page_buckets = _pow2_upto(self.max_pages_per_seq)
         self.batch_buckets = tuple(b for b in model.buckets.batch if b < max_num_seqs) + (max_num_seqs,)
@@ -300,7 +301,7 @@ class ServingEngine:
         ids = np.asarray([seq.req.prompt_token_ids + seq.tokens[:known - seq.req.num_prompt_tokens]], np.int32)
         lengths = np.asarray([known], np.int32)
         batch = _bucketed_batch(self.model, {"input_ids": ids, **seq.req.mm_inputs}, lengths)
-        if seq.req.mm_inputs and self._vision_keys is not None:
+        if batch.get("pixel_values") is not None and self._vision_keys is not None:
             batch = self._with_image_features(seq.req, batch)
         T = batch["input_ids"].shape[1]
         slots = slot_mapping(seq.pages, 0, known, self.page_size, width=T)[None]
@@ -312,9 +313,12 @@ class ServingEngine:
             self._append(seq, int(tok[0]))
 
     def _with_image_features(self, req: Request, batch: dict) -> dict:
-        key = image_key(self.model.path, req.mm_inputs)
-        feats = self.encoder_cache.get(key)
+        """The batch with the encoder's inputs replaced by their features, taken from the encoder
+        cache when the same inputs were encoded before (the key is the hash of exactly what the
+        encoder reads, so a prompt-dependent array never splits the entry)."""
         vision = {k: v for k, v in batch.items() if k in self._vision_keys}
+        key = image_key(self.model.path, {k: np.asarray(v) for k, v in vision.items()})
+        feats = self.encoder_cache.get(key)
         if feats is None:
             feats = self.steps.encode(self.model.params, vision)
             self.encoder_cache.put(key, feats)
