@@ -209,11 +209,16 @@ def test_metrics_parse(server):
     assert m["mmjax:kv_pages_total"] > 0
 
 
-def _open_stream(server, max_tokens: int):
+def _send(server, max_tokens: int, stream: bool = True) -> http.client.HTTPConnection:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "go on", "stream": True,
+    conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "go on", "stream": stream,
                                                         "max_tokens": max_tokens, "temperature": 0}),
                  {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    return conn
+
+
+def _open_stream(server, max_tokens: int):
+    conn = _send(server, max_tokens)
     return conn, conn.getresponse()
 
 
@@ -228,6 +233,15 @@ def test_client_disconnect_frees_pages(server):
     conn.close()
     assert server.wait_metric("mmjax:kv_pages_used", 0, timeout=30) == 0
     assert server.wait_metric("mmjax:num_requests_running", 0, timeout=5) == 0
+
+    conn = _send(server, 1900, stream=False)  # a client that gives up waiting for a whole answer
+    deadline = time.monotonic() + 30
+    while server.metrics()["mmjax:kv_pages_used"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metrics()["mmjax:kv_pages_used"] > 0
+    conn.sock.close()
+    conn.close()
+    assert server.wait_metric("mmjax:kv_pages_used", 0, timeout=30) == 0
 
 
 def test_queue_full_is_429(server):
