@@ -29,7 +29,7 @@ from mmjax.errors import InputError, MmjaxError
 from mmjax.serving import protocol as P
 from mmjax.serving.async_engine import AsyncEngine, EngineStepError, EngineStopped, RequestStream
 from mmjax.serving.engine import EngineFull
-from mmjax.serving.media import MediaError, MediaLimits, load_image
+from mmjax.serving.media import MediaError, MediaLimits
 from mmjax.serving.messages import chat_prompt
 from mmjax.serving.metrics import CONTENT_TYPE, Metrics
 from mmjax.serving.text import TextStream
@@ -199,9 +199,10 @@ def build_app(engine, model_name: str, *, api_key: str | None = None, allowed_me
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(body: P.ChatCompletionRequest, request: Request):
         _check_common(srv, body)
-        if len(body.messages) and sum(_num_images(m) for m in body.messages) > limits.max_images:
-            raise ApiError(400, f"messages: {sum(_num_images(m) for m in body.messages)} images, over the limit of "
-                           f"{limits.max_images} per request", "messages")
+        n_images = sum(_num_images(m) for m in body.messages)
+        if n_images > limits.max_images:  # before fetching or decoding any of them
+            raise ApiError(400, f"messages: {n_images} images, over the limit of {limits.max_images} per request",
+                           "messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
 
