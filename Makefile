@@ -14,7 +14,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements.lock
 	$(VPY) -m pip install -q --no-deps -e .
-	$(VPY) -c "import jax, flax, orbax.checkpoint, torch, transformers, tokenizers, safetensors, PIL, jinja2, hypothesis"
+	$(VPY) -c "import jax, flax, orbax.checkpoint, torch, transformers, tokenizers, safetensors, PIL, jinja2, hypothesis, fastapi, uvicorn, pydantic, prometheus_client, openai"
 	touch $(STAMP)
 
 demo: $(STAMP)
