@@ -137,3 +137,27 @@ def test_encoder_cache_is_lru_bounded_in_bytes():
     cache.put("huge", np.zeros(1000, np.float32))  # larger than the whole cache: not kept
     assert cache.get("huge") is None and len(cache) == 3
     assert (cache.hits, cache.misses) == (2, 2)
+
+
+def test_a_request_that_fails_on_its_own_ends_alone(model):
+    """A request whose image arrays do not fit the model (built by hand, past make_request's
+    checks) ends with finish_reason "abort" and its error; the requests beside it answer as alone."""
+    from mmjax.serving import Request
+
+    eng = ServingEngine(model, max_num_seqs=4, page_size=8)
+    good = [eng.make_request([IMAGES[i]], "<image> describe", max_new_tokens=5) for i in range(2)]
+    ids = good[0].prompt_token_ids
+    bad = Request(list(ids), {"pixel_values": np.zeros((1, 3, 7, 7), np.float32)}, max_new_tokens=5)
+    outs = eng.generate([good[0], bad, good[1]])
+    assert outs[1].finish_reason == "abort" and outs[1].error is not None and outs[1].token_ids == []
+    for i, o in ((0, outs[0]), (1, outs[2])):
+        assert o.token_ids == alone(model, {"images": [IMAGES[i]], "prompt": "<image> describe", "max_new_tokens": 5})
+    assert eng.stats()["pages_used"] == 0
+
+
+def test_max_new_tokens_none_runs_to_the_end_of_the_context(model):
+    eng = ServingEngine(model, max_num_seqs=2, max_model_len=64)
+    r = eng.make_request(None, "hello", max_new_tokens=None)
+    assert r.max_new_tokens == 64 - r.num_prompt_tokens
+    with pytest.raises(InputError, match="prompt"):
+        eng.make_request(None, "hello " * 80, max_new_tokens=None)

@@ -76,6 +76,7 @@ class _Seq:
     pos_offset: int = 0
     reported: int = 0  # tokens already handed out in RequestOutputs
     finish_reason: str | None = None
+    error: Exception | None = None  # why this request failed alone (finish_reason "abort")
 
 
 class ServingEngine:
@@ -148,15 +149,18 @@ class ServingEngine:
     # --- requests ---------------------------------------------------------------------------
     def make_request(self, images=None, prompt: str = "", *, prompt_token_ids: Sequence[int] | None = None,
                      chat_template: bool | None = None, mm_processor_kwargs: dict | None = None,
-                     max_new_tokens: int = 64, min_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0,
+                     max_new_tokens: int | None = 64, min_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, seed: int = 0, stop_token_ids: Sequence[int] | None = None,
                      request_id: str | None = None) -> Request:
         """One request, checked on the host (InputError names the field). Preprocessing is the
-        model's own (Model.preprocess), so a request sees exactly what mmjax.generate would."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        model's own (Model.preprocess), so a request sees exactly what mmjax.generate would.
+        max_new_tokens=None: up to the end of max_model_len (vLLM's default without max_tokens).
+        Host work only: safe to call from any thread while another runs step()."""
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens <= 0):
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) \
-                or not 0 <= min_new_tokens <= max_new_tokens:
+                or not 0 <= min_new_tokens <= (max_new_tokens or self.max_model_len):
             raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens], got {min_new_tokens!r}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
         if prompt_token_ids is not None:
@@ -178,6 +182,12 @@ class ServingEngine:
             ids = np.asarray(inputs["input_ids"])[0, :n].tolist()
             mm = {k: np.asarray(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")
                   and v is not None}
+        if max_new_tokens is None:
+            if len(ids) >= self.max_model_len:
+                raise InputError(f"prompt: {len(ids)} tokens leave no room in max_model_len={self.max_model_len}")
+            max_new_tokens = self.max_model_len - len(ids)
+            if min_new_tokens > max_new_tokens:
+                raise InputError(f"min_new_tokens={min_new_tokens}: only {max_new_tokens} tokens fit after the prompt")
         if len(ids) + max_new_tokens > self.max_model_len:
             raise InputError(f"max_tokens: prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"max_model_len={self.max_model_len}")
@@ -207,6 +217,7 @@ class ServingEngine:
             return bool(self._inbox or self._aborts or self.waiting or self.running)
 
     def stats(self) -> dict:
+        """A snapshot of the engine's counters; safe to read from any thread (sizes only)."""
         return {"waiting": len(self.waiting) + len(self._inbox), "running": len(self.running),
                 "pages_used": self.pool.num_used, "pages_total": self.pool.capacity,
                 "encoder_cache_hits": self.encoder_cache.hits, "encoder_cache_misses": self.encoder_cache.misses,
@@ -245,7 +256,7 @@ class ServingEngine:
         new = seq.tokens[seq.reported:]
         seq.reported = len(seq.tokens)
         return RequestOutput(seq.req.request_id, new, list(seq.tokens), seq.req.num_prompt_tokens,
-                             seq.finish_reason is not None, seq.finish_reason)
+                             seq.finish_reason is not None, seq.finish_reason, seq.error)
 
     def _release(self, seq: _Seq) -> None:
         self.pool.free(seq.pages)
@@ -301,7 +312,10 @@ class ServingEngine:
             self.waiting.popleft()
             seq.pages = pages
             budget -= known
-            self._prefill(seq, known)
+            try:
+                self._prefill(seq, known)
+            except Exception as e:  # this request's inputs failed on the device: it alone ends
+                seq.finish_reason, seq.error = "abort", e
             if seq.finish_reason is not None:
                 self._release(seq)
             else:

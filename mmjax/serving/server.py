@@ -253,13 +253,10 @@ def _check_common(srv: _Server, body) -> None:
 
 def _make_request(engine, max_tokens: int | None, body, **kw):
     """engine.make_request with the sampling fields of `body`. Without max_tokens, the request may
-    run to the end of the context (vLLM's default): the prompt's length is learnt first."""
+    run to the end of the context (vLLM's default; make_request's max_new_tokens=None)."""
     sampling = dict(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
                     seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
                     min_new_tokens=body.min_tokens, stop_token_ids=body.stop_token_ids)
-    if max_tokens is None:
-        probe = engine.make_request(max_new_tokens=1, **sampling, **kw)
-        max_tokens = max(1, engine.max_model_len - probe.num_prompt_tokens)
     return engine.make_request(max_new_tokens=max_tokens, **sampling, **kw)
 
 
