@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -162,17 +162,17 @@ def dequantize(q, scale) -> np.ndarray:
     return np.asarray(q, np.float32) * np.asarray(scale, np.float32)
 
 
-def quantize_params(params: Iterable[tuple[str, Any]], quant: QuantConfig,
-                    einsums: Mapping[str, int]) -> Iterator[tuple[str, Any]]:
+def quantize_params(params: Iterable[tuple[str, Any]], quant: QuantConfig, einsums: Mapping[str, int],
+                    cast: Callable[[Any], Any] | None = None) -> Iterator[tuple[str, Any]]:
     """A stream of (path, float array) -> the quantized model's stream, one parameter at a time
-    (what converters hand to mmjax.checkpoint.save_params, so memory holds one tensor)."""
+    (what converters hand to mmjax.checkpoint.save_params, so memory holds one tensor). Kernels
+    are quantized from the values they arrive with; `cast` (e.g. to bfloat16) applies to every
+    other parameter."""
     for path, a in params:
         if quant.method_for(path) is None:
-            yield path, a
+            yield path, (a if cast is None else cast(a))
             continue
-        if path not in einsums:
-            raise ConversionError(f"{path}: the quantization rules select it, but it is not an Einsum kernel "
-                                  "(only projection kernels can be stored as int8)")
+        _selected(quant, [path], einsums)
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise ConversionError(f"{path}: already {a.dtype}; quantization needs a float kernel")
         q, scale = quantize_int8(a, einsums[path])
