@@ -5,7 +5,7 @@ in decode speed.
 
 The model of benchmarks/generate.py (LLaVA-shaped: decoder 768 x 12 layers, vocab 32000, CLIP-B
 tower), converted three ways: float32, bfloat16 (--dtype bfloat16) and int8 weight-only (--quantize
-int8 from the float32 folder). Reports
+int8 from the float32 folder; "int8+head" with --quantize-lm-head too). Reports
   * accuracy of int8 (and bf16) against float32 over 256 prefill positions: top-1 agreement of
     the logits, and mean KL(p_fp32 || p_quant) in nats;
   * decode tokens/s at batch 1 and 8 (64 new tokens, min_new_tokens=64), fp32 / bf16 / int8 side
@@ -29,7 +29,7 @@ from benchmarks.generate import N_NEW, bench_config, prompt_of
 from benchmarks.roofline import decode_bytes, measure_bandwidth
 
 POSITIONS = 256
-KINDS = ("fp32", "bf16", "int8")
+KINDS = ("fp32", "bf16", "int8", "int8+head")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     convert(hf_dir, dirs["fp32"], overwrite=True, progress=False)
     convert(hf_dir, dirs["bf16"], dtype="bfloat16", overwrite=True, progress=False)
     convert(dirs["fp32"], dirs["int8"], quantize="int8", overwrite=True)
+    # the LM head is a quarter of the decoder's weights here (768 x 32000): int8 with it too
+    convert(dirs["fp32"], dirs["int8+head"], quantize="int8", quantize_lm_head=True, overwrite=True)
     print(f"built + converted in {time.perf_counter() - t:.0f} s ({work})", flush=True)
     models = {k: mmjax.load(d, compile_cache=False) for k, d in dirs.items()}
 
@@ -77,9 +79,9 @@ def main(argv=None) -> int:
     ids = np.asarray([tok.encode(prompt_of(tok, POSITIONS + 8).replace("<image> ", ""))[:POSITIONS]], np.int32)
     logits = {k: mmjax.forward(m, ids)[0] for k, m in models.items()}
     print(f"\naccuracy against fp32 over {ids.shape[1]} positions (vocab {logits['fp32'].shape[-1]}):")
-    for k in ("bf16", "int8"):
+    for k in KINDS[1:]:
         a = agreement(logits["fp32"], logits[k])
-        print(f"  {k:5s} top-1 agreement {a['top1']:.4f}   mean KL {a['kl_mean']:.3e} nats (max {a['kl_max']:.2e})"
+        print(f"  {k:9s} top-1 agreement {a['top1']:.4f}   mean KL {a['kl_mean']:.3e} nats (max {a['kl_max']:.2e})"
               f"   max |dlogit| {a['max_abs_logit_diff']:.3e}")
 
     # 2. decode speed, the three kinds alternating within each round
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
             tps = statistics.median(runs[k])
             step_bytes = decode_bytes(m.params)
             roof = bw / step_bytes * B  # tokens/s if a step only streamed its weights at bw
-            print(f"  batch {B} {k:5s} {tps:7.1f} tok/s  x{tps / fp32:4.2f} fp32   weights/step "
+            print(f"  batch {B} {k:9s} {tps:7.1f} tok/s  x{tps / fp32:4.2f} fp32   weights/step "
                   f"{step_bytes / 2**20:6.1f} MiB  roofline {roof:7.1f} tok/s ({tps / roof:4.0%})", flush=True)
     load1 = os.getloadavg()
     print(f"\nload average (1, 5, 15 min) before {tuple(round(x, 2) for x in load0)}, after "
