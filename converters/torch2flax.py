@@ -1,6 +1,7 @@
 """Convert a PyTorch / HF checkpoint folder into an mmjax model folder.
 
     python -m converters.torch2flax CKPT [--out OUT] [--dtype bfloat16] [--dry-run] [--overwrite]
+                                    [--quantize int8 [--quantize-lm-head]]
                                     [--model pkg.mod:FAMILY] [--rules my_rules.py] [--strict]
                                     [--autoport [KIND:]PREFIX=pkg.mod:Class(k=v)]
 
@@ -10,6 +11,9 @@ allocated) -> rules (converters.families.rules_for(family), or RULES of a --rule
 and every parameter checked before any data is read) -> one step at a time: read, transform,
 NaN/Inf check, write (mmjax.checkpoint.save_params streams) -> OUT renamed into place
 (converters.writer). OUT defaults to CKPT-flax beside CKPT.
+
+--quantize int8: weight-only int8 kernels (converters.quantize, mmjax/quantization.py); CKPT
+may then also be an mmjax folder already converted (default OUT: CKPT-int8).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from typing import Any, Sequence
 
 from converters.readers import nonfinite, open_checkpoint
 from converters.families import rules_for as family_rules
+from converters.quantize import METHODS as QUANT_METHODS, is_mmjax_folder, plan_quantization, quantize_folder
+from converters.quantize import quantized_stream
 from converters.rules import Plan, Rule, build_plan, flatten, resolve_dtype
 from converters.writer import check_out, staged_output, write_model_folder
 from mmjax import registry
@@ -130,7 +136,8 @@ def default_out(ckpt) -> str:
 
 
 def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, model=None, rules=None,
-            strict: bool = False, dry_run: bool = False, progress: bool = True, autoport=()) -> Summary:
+            strict: bool = False, dry_run: bool = False, progress: bool = True, autoport=(),
+            quantize: str | None = None, quantize_lm_head: bool = False) -> Summary:
     """Convert checkpoint folder `ckpt` into mmjax folder `out` (default: default_out(ckpt),
     CKPT-flax beside it); returns a Summary.
 
@@ -141,6 +148,9 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
     dry_run: build and check the plan, fill Summary.table, write nothing.
     autoport: "[KIND:]PREFIX=pkg.mod:Class(k=v)" entries: that prefix is a torch module, ported with
     mmjax.autoport into the composed model's "autoport" component (converters/autoport.py).
+    quantize: "int8" stores the kernels the default rule table selects (every Linear of the decoder
+    and vision tower; the LM head too with quantize_lm_head) as int8 + per-channel scale
+    (converters/quantize.py). `ckpt` may then be an mmjax folder already converted.
 
     Each parameter is written as soon as it is converted (mmjax.checkpoint.save_params), so
     memory holds about one step's tensors, not the model."""
@@ -150,6 +160,13 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
         raise CheckpointError(f"{ckpt}: not a checkpoint folder")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if quantize is not None and is_mmjax_folder(ckpt):
+        if dry_run or model or rules or autoport:
+            raise ConversionError(f"{ckpt}: an mmjax folder is re-written as it is; --dry-run, --model, --rules "
+                                  "and --autoport apply to a torch checkpoint")
+        return quantize_folder(ckpt, out, quantize, quantize_lm_head, dtype, overwrite)
+    if quantize_lm_head and quantize is None:
+        raise ConversionError("--quantize-lm-head needs --quantize int8")
     out = os.path.abspath(os.fspath(out)) if out is not None else default_out(ckpt)
     if not dry_run:
         check_out(out, ckpt, overwrite)  # fail before any slow work
@@ -175,6 +192,9 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
             raise ConversionError(f"family {family.name!r} has no registered converter rules: pass --rules "
                                   "my_rules.py, or call converters.families.register_rules in the family's module")
     rule_list = load_rules(rules, cfg) + ported_rules
+    quant = None
+    if quantize is not None:  # checked against the model before any data is read
+        cfg_out, quant, einsums = plan_quantization(family, cfg, quantize, quantize_lm_head, shapes=targets)
 
     if isinstance(rules, (str, os.PathLike)):
         rules_origin = os.path.abspath(os.fspath(rules))
@@ -190,8 +210,12 @@ def convert(ckpt, out=None, dtype: str | None = None, overwrite: bool = False, m
                   "model_type": hf_config.get("model_type"), "rules": rules_origin,
                   **({"autoport": [str(a) for a in autoport]} if autoport else {})}
         with _progress_bar(plan, progress) as bar, staged_output(out, overwrite) as tmp:
-            arrays = _Converted(plan.arrays(reader, dtype=dtype, progress=bar.update))
-            write_model_folder(tmp, arrays, family.name, cfg, ckpt, source, dtype, family_spec=spec)
+            if quant is None:
+                arrays = _Converted(plan.arrays(reader, dtype=dtype, progress=bar.update))
+            else:  # kernels quantized from the checkpoint's values, the rest cast to dtype
+                arrays = _Converted(quantized_stream(plan.arrays(reader, progress=bar.update), quant, einsums, dtype))
+            write_model_folder(tmp, arrays, family.name, cfg if quant is None else cfg_out, ckpt, source, dtype,
+                               family_spec=spec)
             bad = arrays.nonfinite
             if bad and strict:  # raised inside staged_output: the folder written so far goes away
                 raise CheckpointError(f"{ckpt}: non-finite values (--strict):\n  " + _nonfinite_lines(plan, bad))
@@ -207,12 +231,13 @@ class _Converted:
 
     def __init__(self, arrays):
         self._arrays = arrays
-        self.parameters = self.bytes = 0
+        self.parameters = self.bytes = self.count = 0
         self.nonfinite: list[tuple[str, int, int]] = []
 
     def __iter__(self):
         for target, a in self._arrays:
             self.parameters, self.bytes = self.parameters + a.size, self.bytes + a.nbytes
+            self.count += 1
             self.nonfinite += nonfinite([(target, a)])
             yield target, a
 
@@ -240,7 +265,8 @@ def _summary(plan: Plan, family, out, dtype, t0, converted: _Converted | None = 
             for shp in s.target_shapes:
                 k = math.prod(shp)
                 n, nbytes = n + k, nbytes + k * item
-    return Summary(family.name, plan.num_sources, len(plan.dropped), len(plan.targets), n, nbytes,
+    arrays = converted.count if converted is not None else len(plan.targets)  # int8 kernels bring a scale
+    return Summary(family.name, plan.num_sources, len(plan.dropped), arrays, n, nbytes,
                    time.perf_counter() - t0, out, dtype, dry_run, plan.table() if dry_run else "")
 
 
@@ -262,11 +288,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--autoport", action="append", default=[], metavar="[KIND:]PREFIX=pkg.mod:Class(k=v)",
                    help="the checkpoint's PREFIX* tensors are this torch module: port it with mmjax.autoport into "
                         "the model's 'autoport' component (repeatable; docs/autoport.md)")
+    p.add_argument("--quantize", choices=QUANT_METHODS,
+                   help="weight-only quantization of every Linear in the decoder and vision tower (symmetric, "
+                        "per output channel); CKPT may also be an mmjax folder already converted")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: the LM head too")
     a = p.parse_args(argv)
-    out = a.out if a.out is not None else default_out(a.ckpt)
+    out = a.out
+    if out is None:
+        out = a.ckpt.rstrip(os.sep) + f"-{a.quantize}" if a.quantize and is_mmjax_folder(a.ckpt) else default_out(a.ckpt)
     try:
         s = convert(a.ckpt, out, dtype=a.dtype, overwrite=a.overwrite, model=a.model, rules=a.rules,
-                    strict=a.strict, dry_run=a.dry_run, progress=not a.quiet, autoport=a.autoport)
+                    strict=a.strict, dry_run=a.dry_run, progress=not a.quiet, autoport=a.autoport,
+                    quantize=a.quantize, quantize_lm_head=a.quantize_lm_head)
     except MmjaxError as e:
         partial = getattr(e, "partial_plan", None)
         if a.dry_run and partial is not None:  # what did map, so the missing rules are easy to write

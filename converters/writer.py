@@ -109,10 +109,13 @@ def _jsonable(x):
 
 
 def write_model_folder(folder: str, params: Mapping[str, Any] | Iterable[tuple[str, Any]], family: str, cfg: Any,
-                       ckpt: str, source: dict, dtype: str | None, family_spec: str | None = None) -> list[str]:
+                       ckpt: str, source: dict, dtype: str | None, family_spec: str | None = None,
+                       source_config: str = "config.json") -> list[str]:
     """Fill `folder` (a fresh staging folder); returns the names of the files copied from ckpt.
 
-    params: a nested dict of arrays, or (path, array) pairs consumed one at a time."""
+    params: a nested dict of arrays, or (path, array) pairs consumed one at a time.
+    source_config: the file of ckpt kept as source_config.json (an mmjax folder's own
+    source_config.json when a converted model is re-written, e.g. quantized)."""
     save_params(os.path.join(folder, "params"), params)
     if not dataclasses.is_dataclass(cfg):
         raise ConversionError(f"family {family!r}: config_from_hf returned a {type(cfg).__name__}, "
@@ -130,5 +133,5 @@ def write_model_folder(folder: str, params: Mapping[str, Any] | Iterable[tuple[s
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, name))
             copied.append(name)
-    shutil.copyfile(os.path.join(ckpt, "config.json"), os.path.join(folder, "source_config.json"))
+    shutil.copyfile(os.path.join(ckpt, source_config), os.path.join(folder, "source_config.json"))
     return copied

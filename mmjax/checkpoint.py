@@ -41,7 +41,8 @@ import numpy as np
 
 from mmjax.errors import LoadError, MmjaxError
 
-__all__ = ["save_params", "restore_params", "verify_params", "param_shapes", "CHUNK_BYTES", "MANIFEST"]
+__all__ = ["save_params", "restore_params", "verify_params", "iter_params", "param_shapes", "CHUNK_BYTES",
+           "MANIFEST"]
 
 CHUNK_BYTES = 4 << 20
 # Chunks in flight (being hashed, encoded, written) while the producer makes the next parameter:
@@ -448,6 +449,26 @@ def _read_crc(ctx, path: str, name: str) -> int:
             nxt = t[chunks[i + 1]].read()  # the next chunk is read while this one is hashed
         crc = zlib.crc32(_bytes(np.require(block, requirements="C")), crc)
     return crc
+
+
+def iter_params(path: str | os.PathLike, *, verify: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """("a/b/kernel", numpy array) for every parameter of a checkpoint, read one at a time (what
+    re-writing a converted model, e.g. quantizing it, streams through: memory holds one
+    parameter). verify: check the stored bytes against params_manifest.json first."""
+    import tensorstore as ts
+
+    path = os.path.abspath(os.fspath(path))
+    stored = _flat(param_shapes(path))
+    if verify:
+        _verify(path, stored)
+    ctx = ts.Context(_CONTEXT)
+    for name in stored:
+        try:
+            a = ts.open(_array_spec(path, name), open=True, context=ctx).result().read().result()
+        except Exception as e:
+            raise LoadError(f"{path}: parameter {name!r} cannot be read (truncated or corrupt data): "
+                            f"{type(e).__name__}: {_first_line(e)}") from e
+        yield name, a
 
 
 def restore_params(path: str | os.PathLike, target: Mapping[str, Any] | None = None, *, verify: bool = True) -> dict:

@@ -48,8 +48,59 @@ def test_every_row_count(M):
 def test_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="x \\[M, K\\]"):
         cpu_gemv.gemv(rand(2, 8), rand(9, 4))
-    with pytest.raises(ValueError, match="float32 only"):
+    with pytest.raises(ValueError, match="x float32 and w one of"):
         cpu_gemv.gemv(rand(1, 8).astype(jnp.bfloat16), rand(8, 4).astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="int8 weights need their scale"):
+        cpu_gemv.gemv(rand(1, 8), jnp.zeros((8, 4), jnp.int8))
+    with pytest.raises(ValueError, match="scale must be float32 \\[4\\]"):
+        cpu_gemv.gemv(rand(1, 8), jnp.zeros((8, 4), jnp.int8), jnp.ones((5,)))
+
+
+def narrow(kind, K, N, seed):
+    """(w, scale) of a weight dtype the kernel widens: bfloat16, or int8 with a per-column scale."""
+    if kind == "bfloat16":
+        return rand(K, N, seed=seed).astype(jnp.bfloat16), None
+    q = np.random.default_rng(seed).integers(-127, 128, (K, N)).astype(np.int8)
+    return jnp.asarray(q), jnp.asarray(np.random.default_rng(seed + 1).uniform(0.001, 0.02, N).astype(np.float32))
+
+
+# The narrow weights take the same loops with widening loads: every row count, the tails of a
+# native register (N % 8, N % 16), K not a multiple of the 4- and 8-row steps. The reference
+# widens the same weights to float32, so only the summation order differs (the float32 bound).
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("K,N", [(771, 1000), (5, 17), (768, 2048), (64, 4100)])
+def test_narrow_weights_match_reference(kind, M, K, N):
+    x = rand(M, K, seed=1)
+    w, scale = narrow(kind, K, N, seed=2)
+    out = jax.jit(cpu_gemv.gemv)(x, w, scale)
+    ref = cpu_gemv.gemv_reference(x, w, scale)
+    tol = K * 1.2e-7 * float(jnp.max(jnp.abs(ref))) + 1e-6
+    assert out.shape == (M, N) and out.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(out - ref))) <= tol
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_einsum_with_narrow_weights_matches_xla(kind):
+    """Einsum's two paths for bf16 and int8 kernels: the gemv custom call and XLA's einsum."""
+    from mmjax.quantization import quantize_int8
+
+    dtype = jnp.bfloat16 if kind == "bfloat16" else jnp.float32
+    layer = Einsum((4, 16, 32), "BTNH,NHD->BTD", (32,), dtype, flatten_contraction=True)
+    x = rand(3, 1, 4, 16, seed=5)
+    params = layer.init(jax.random.PRNGKey(1), x)
+    if kind == "int8":
+        q, scale = quantize_int8(params["params"]["kernel"], 2)
+        params = {"params": {**params["params"], "kernel": jnp.asarray(q), "kernel_scale": jnp.asarray(scale)}}
+    xla = layer.clone(kernels=KernelPolicy(matmul_cpu="xla"))
+    assert cpu_gemv.TARGETS[kind] in lowered_text(layer, params, x)
+    assert "mmjax_gemv" not in lowered_text(xla, params, x)
+    out, ref = jax.jit(layer.apply)(params, x), jax.jit(xla.apply)(params, x)
+    assert out.dtype == ref.dtype == dtype
+    # int8 in a float32 model: summation order only. bf16: both round the product to bf16 once
+    # (XLA's dot accumulates in float32 too), so they differ by at most an ulp of the output.
+    bound = 1e-5 if kind == "int8" else 2 ** -7 * float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))) <= bound
 
 
 @pytest.mark.parametrize("eqn,x_ndim,flat,expected", [

@@ -169,6 +169,39 @@ def test_einsum_default_policy(platform):
     assert got == {"triton": 0, "tpu": 0, "cpu": int(platform == "cpu")}
 
 
+def _int8_params(layer, x):
+    """Abstract params of `layer` with its kernel int8 and the per-channel scale beside it."""
+    from mmjax.quantization import contracted_axes
+
+    p = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x)["params"]
+    c = contracted_axes(layer.eqn)
+    return {"params": {**p, "kernel": spec(*layer.shape, dtype=jnp.int8),
+                       "kernel_scale": spec(*layer.shape[c:], dtype=jnp.float32)}}
+
+
+# int8 weight-only projections of a 7B decoder (q [D, N, H], o [N, H, D] flattened, MLP down
+# [F, D]) in a prefill (4096 tokens) and a decode step (one row), bf16 and fp32 activations.
+INT8_LAYERS = [((4096, 32, 128), "BTD,DNH->BTNH", False), ((32, 128, 4096), "BTNH,NHD->BTD", True),
+               ((11008, 4096), "BTF,FD->BTD", False)]
+
+
+@pytest.mark.parametrize("shape,eqn,flat", INT8_LAYERS)
+@pytest.mark.parametrize("T", [4096, 1])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_int8_einsum_exports_for_cuda(shape, eqn, flat, T, dtype):
+    """For CUDA: the int8 kernel enters the program as int8 and is converted as the dot's operand
+    (XLA:GPU fuses the convert into the GEMM), scaled after it; no CPU target. For CPU a decode
+    step holds the int8 gemv, a prefill XLA's dot."""
+    layer = Einsum(shape, eqn, dtype=dtype, flatten_contraction=flat)
+    x = spec(1, T, *shape[: len(eqn.split(",")[0]) - 2], dtype=dtype)
+    params = _int8_params(layer, x)
+    text = lowered(layer.apply, "cuda", params, x)
+    assert calls(text) == {"triton": 0, "tpu": 0, "cpu": 0}
+    assert "xi8>" in text and "stablehlo.convert" in text and "stablehlo.dot_general" in text
+    cpu = lowered(layer.apply, "cpu", params, x)
+    assert cpu.count("mmjax_gemv_s8") == int(T == 1) and calls(cpu)["cpu"] == int(T == 1)
+
+
 def test_rope_tables_materialised_on_cpu_only():
     from mmjax.config import RopeConfig
 

@@ -16,7 +16,8 @@ Fields (docs/kernels.md, "Kernel policy"):
   attention_gpu  "pallas": the Pallas kernels compiled through Triton | "xla"
   attention_tpu  "pallas": JAX's TPU Pallas kernels (splash / paged attention) for the masks
                            they express, XLA otherwise (mmjax/kernels/tpu_attention.py) | "xla"
-  matmul_cpu     "cpu":    Einsum sends 1..8-row products (decode steps) to cpu.gemv | "xla"
+  matmul_cpu     "cpu":    Einsum sends 1..8-row products (decode steps) to cpu.gemv, whose
+                           weights may be float32, bfloat16 or int8 (+ scale) | "xla"
   rope_cpu       "once":   the rope cos/sin tables go through an identity product so XLA:CPU
                            computes them once, not once per head and layer | "plain"
   platforms      the platforms whose branches are traced (default all four); any other

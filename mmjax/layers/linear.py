@@ -14,13 +14,19 @@ import jax.numpy as jnp
 
 from mmjax.kernels.cpu import gemv as cpu_gemv
 from mmjax.kernels.policy import KernelPolicy, dispatch
+from mmjax.quantization import SCALE
 
 __all__ = ["Einsum", "Embed"]
 
 
 class Einsum(nn.Module):
     """y = einsum(eqn, x, kernel) (+ bias). `shape` is the kernel shape, `bias_shape` the
-    bias's (None = no bias). Compute happens in `dtype` (the params' dtype, as in torch)."""
+    bias's (None = no bias). Compute happens in `dtype` (the params' dtype, as in torch).
+
+    A quantized kernel (mmjax/quantization.py) is the same `kernel`, int8, with `kernel_scale`
+    [output axes] float32 beside it; which layers are quantized is decided by the params the
+    model was converted with (the config's rule table made them), so the module needs no field
+    for it: y = (x . q) * scale, the scale factored out of the contraction."""
 
     shape: tuple[int, ...]
     eqn: str
@@ -35,18 +41,22 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = self.param("kernel", nn.initializers.normal(0.02), self.shape, self.dtype)
-        x, w = x.astype(self.dtype), w.astype(self.dtype)
-        y = dispatch(self.kernels, self._plan(x), x, w)
+        x = x.astype(self.dtype)
+        if self.has_variable("params", SCALE):  # int8 kernel: keep it narrow until the dot
+            y = dispatch(self.kernels, self._plan(x, w.dtype), x, w, self.get_variable("params", SCALE))
+        else:
+            w = w.astype(self.dtype)
+            y = dispatch(self.kernels, self._plan(x, w.dtype), x, w)
         if self.bias_shape is not None:
             b = self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
             y = y + b.astype(self.dtype)
         return y
 
-    def _plan(self, x):
-        """plan(platform) for policy.dispatch: (key, fn(x, w))."""
+    def _plan(self, x, w_dtype):
+        """plan(platform) for policy.dispatch: (key, fn(x, w[, scale]))."""
         c = _row_matmul_split(self.eqn, x.ndim, self.flatten_contraction)
         gemv = (self.kernels.matmul_cpu == "cpu" and "cpu" in self.kernels.platforms and c is not None
-                and cpu_gemv.eligible(math.prod(x.shape[: x.ndim - c]), self.dtype))
+                and cpu_gemv.eligible(math.prod(x.shape[: x.ndim - c]), w_dtype))
 
         def plan(platform):
             if platform == "cpu" and gemv:
@@ -56,18 +66,27 @@ class Einsum(nn.Module):
         return plan
 
 
-def _gemv(x, w, *, c, shape):
-    """A few rows against the whole kernel (a decode step): the streaming CPU kernel."""
+def _gemv(x, w, scale=None, *, c, shape):
+    """A few rows against the whole kernel (a decode step): the streaming CPU kernel, which reads
+    float32, bfloat16 or int8 (+ scale) weights and accumulates in float32."""
     lead = x.shape[: x.ndim - c]
     k_in = math.prod(shape[:c])
-    return cpu_gemv.gemv(x.reshape(-1, k_in), w.reshape(k_in, -1)).reshape(*lead, *shape[c:])
+    s = None if scale is None else scale.reshape(-1)
+    y = cpu_gemv.gemv(x.reshape(-1, k_in).astype(jnp.float32), w.reshape(k_in, -1), s)
+    return y.astype(x.dtype).reshape(*lead, *shape[c:])
 
 
-def _einsum(x, w, *, eqn, shape, flatten_contraction):
+def _einsum(x, w, scale=None, *, eqn, shape, flatten_contraction):
+    """The XLA path on every platform. An int8 kernel is converted to x's dtype as the dot's
+    operand (exact: |q| <= 127 fits bfloat16's 8 bits), and the per-channel scale multiplies
+    the output, where XLA fuses it into the dot's epilogue."""
+    w = w.astype(x.dtype)
     if flatten_contraction:
         lead = x.shape[: x.ndim - (len(shape) - 1)]
-        return jnp.einsum("...E,ED->...D", x.reshape(*lead, -1), w.reshape(-1, shape[-1]))
-    return jnp.einsum(eqn, x, w)
+        y = jnp.einsum("...E,ED->...D", x.reshape(*lead, -1), w.reshape(-1, shape[-1]))
+    else:
+        y = jnp.einsum(eqn, x, w)
+    return y if scale is None else y * scale.astype(x.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,10 +29,17 @@ __all__ = ["param_shapes", "merge_at_tokens", "prefill_logits"]
 
 
 def param_shapes(module) -> dict:
-    """{"a/b/kernel": ShapeDtypeStruct} of the module's params, allocating nothing."""
+    """{"a/b/kernel": ShapeDtypeStruct} of the module's params, allocating nothing. With
+    `module.cfg.quant` set, the quantized layout (int8 kernels + their scales, mmjax.quantization)."""
     batch = module.example_batch()
     tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), batch))
-    return flatten_params(tree["params"])
+    shapes = flatten_params(tree["params"])
+    quant = getattr(getattr(module, "cfg", None), "quant", None)
+    if quant is not None:
+        from mmjax.quantization import einsum_contractions, quantized_layout
+
+        shapes = quantized_layout(shapes, quant, einsum_contractions(module))
+    return shapes
 
 
 def merge_at_tokens(text_embeds, features, token_mask):

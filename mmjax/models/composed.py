@@ -40,6 +40,7 @@ from mmjax.components import KINDS, get_component
 from mmjax.config import ConfigBase
 from mmjax.kernels.attention import MaskSpec
 from mmjax.models.base import merge_at_tokens, param_shapes, prefill_logits
+from mmjax.quantization import QuantConfig
 
 __all__ = ["ComposedConfig", "ComposedVLM", "FUSIONS"]
 
@@ -57,8 +58,12 @@ class ComposedConfig(ConfigBase):
     fusion: str = "prefix"  # prefix | tokens
     image_token_id: int = 0
     prefix_attention: str = "causal"  # causal | bidirectional (prefix-LM; fusion "prefix" only)
+    # int8 weights: which kernels, as data (mmjax/quantization.py); None = every kernel in the model dtype
+    quant: QuantConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.quant, dict):  # from mmjax_config.json or a spec
+            object.__setattr__(self, "quant", QuantConfig.from_dict(self.quant))
         for kind in KINDS:
             comp = get_component(kind, getattr(self, f"{kind}_type"))
             if not isinstance(getattr(self, kind), comp.config_cls):

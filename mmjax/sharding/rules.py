@@ -14,6 +14,9 @@ collectives) from the parameters, the batch and the KV-cache constraint. With th
 that is the Megatron layout: q/k/v and MLP gate/up split by columns (heads, F), o and down by
 rows, so each decoder layer needs two all-reduces of [B, T, D].
 
+An int8 kernel (mmjax/quantization.py) keeps its path and shape, so its rule applies as is; its
+`kernel_scale` takes the kernel's rule's output axes (the last ones), whatever the table says.
+
 Any mesh works: users pick it from their machine, not from the model's head counts. A dimension
 its mesh axis does not divide (a 4-head vision tower on `model:8`) is kept whole on every device
 of that axis, the other dimensions keep their split, and param_specs says so in one log line
@@ -42,6 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmjax.errors import MmjaxError
+from mmjax.quantization import SCALE as QUANT_SCALE
 from mmjax.tree import flatten_params, unflatten_params
 
 __all__ = ["AXIS_RULES", "INDIVISIBLE_REPLICATED", "LEGEND", "ENCODER_MODES", "ENCODER_PATHS", "Fallback",
@@ -167,6 +171,13 @@ def param_specs(rules, shapes: Mapping[str, Any], mesh: Mesh, axis_rules: Mappin
     out, unmatched, fallbacks = {}, [], []
     for path, s in shapes.items():
         hit = next(((pat, axes) for rx, pat, axes in compiled if rx.fullmatch(path)), None)
+        kernel = path[: -len(QUANT_SCALE)] + "kernel" if path.endswith("/" + QUANT_SCALE) else None
+        if kernel is not None and kernel in shapes:
+            # an int8 kernel's per-channel scale [out axes]: split as its kernel's output axes,
+            # so each device holds the scales of the columns it holds (mmjax/quantization.py)
+            hit = next(((pat, axes) for rx, pat, axes in compiled if rx.fullmatch(kernel)), None)
+            if hit is not None and hit[1] is not None:
+                hit = (hit[0], tuple(hit[1])[len(shapes[kernel].shape) - len(s.shape):])
         if hit is None:
             unmatched.append(path)
             continue

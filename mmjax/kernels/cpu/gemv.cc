@@ -1,5 +1,8 @@
-// Small-batch matrix product for XLA:CPU decode steps: y[M, N] = x[M, K] @ w[K, N], float32,
-// M = 1..8 rows (one row per sequence of a decode batch).
+// Small-batch matrix product for XLA:CPU decode steps: y[M, N] = x[M, K] @ w[K, N] (* scale[N]),
+// M = 1..8 rows (one row per sequence of a decode batch). x and y are float32; w is float32,
+// bfloat16, or int8 with a float32 scale per output column (mmjax/quantization.py). Narrow
+// weights are widened to float32 in registers as they stream (LoadW below), so a step reads 2 or
+// 1 bytes per weight instead of 4; the int8 scale multiplies each finished column once.
 //
 // Why: a decode step multiplies a few rows by every weight matrix, so it is bound by how fast
 // the weights stream from memory. XLA:CPU emits [1, K] x [K, N] as a single-threaded loop (12-17
@@ -24,6 +27,10 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
+#include <type_traits>
+
+#include <immintrin.h>
 
 #include "pool.h"
 #include "simd.h"
@@ -35,30 +42,78 @@ namespace {
 
 constexpr int64_t kVec = mmjax_simd::kLanes;  // chunk widths are multiples of one vector
 
+using mmjax_simd::NLoad;
+using mmjax_simd::NVec;
+constexpr int64_t kN = mmjax_simd::kNLanes;  // one native register of floats
+
+// One weight as float32: bfloat16 is the high half of a float32, int8 converts exactly.
+inline float ToFloat(float w) { return w; }
+inline float ToFloat(int8_t w) { return float(w); }
+inline float ToFloat(uint16_t w) {
+  const uint32_t bits = uint32_t(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// kN consecutive weights widened to one native float32 register. Intrinsics, because GCC's
+// __builtin_convertvector scalarises int8 -> float and spills the bfloat16 shift on AVX2
+// (one vcvtsi2ss per weight: int8 decode ran at 1.2 GB/s).
+inline NVec LoadW(const float* p) { return NLoad(p); }
+inline NVec LoadW(const uint16_t* p) {  // bfloat16: zero-extend to 32 bits, shift into the high half
+#if defined(__AVX512F__)
+  return (NVec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#elif defined(__AVX2__)
+  return (NVec)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+#else
+  NVec v;
+  for (int i = 0; i < kN; ++i) v[i] = ToFloat(p[i]);
+  return v;
+#endif
+}
+inline NVec LoadW(const int8_t* p) {  // int8: sign-extend and convert (exact)
+#if defined(__AVX512F__)
+  return (NVec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return (NVec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  NVec v;
+  for (int i = 0; i < kN; ++i) v[i] = ToFloat(p[i]);
+  return v;
+#endif
+}
+
 // y[n0:n1] = x @ w[:, n0:n1]
-void Columns(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+template <typename W>
+void Columns(const float* __restrict__ x, const W* __restrict__ w, float* __restrict__ y,
              int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t len = n1 - n0;
   float* __restrict__ yp = y + n0;
   std::memset(yp, 0, len * sizeof(float));
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
-    const float* __restrict__ w0 = w + k * N + n0;
-    const float* __restrict__ w1 = w0 + N;
-    const float* __restrict__ w2 = w1 + N;
-    const float* __restrict__ w3 = w2 + N;
+    const W* __restrict__ w0 = w + k * N + n0;
+    const W* __restrict__ w1 = w0 + N;
+    const W* __restrict__ w2 = w1 + N;
+    const W* __restrict__ w3 = w2 + N;
     const float a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3];
-    for (int64_t n = 0; n < len; ++n) yp[n] += a0 * w0[n] + a1 * w1[n] + a2 * w2[n] + a3 * w3[n];
+    int64_t n = 0;
+    if constexpr (!std::is_same_v<W, float>) {  // float32 auto-vectorises; the widening loads do not
+      const NVec b0 = mmjax_simd::NSplat(a0), b1 = mmjax_simd::NSplat(a1), b2 = mmjax_simd::NSplat(a2),
+                 b3 = mmjax_simd::NSplat(a3);
+      for (; n + kN <= len; n += kN)
+        mmjax_simd::NStore(yp + n, NLoad(yp + n) + b0 * LoadW(w0 + n) + b1 * LoadW(w1 + n) + b2 * LoadW(w2 + n) +
+                                       b3 * LoadW(w3 + n));
+    }
+    for (; n < len; ++n)
+      yp[n] += a0 * ToFloat(w0[n]) + a1 * ToFloat(w1[n]) + a2 * ToFloat(w2[n]) + a3 * ToFloat(w3[n]);
   }
   for (; k < K; ++k) {
-    const float* __restrict__ wk = w + k * N + n0;
+    const W* __restrict__ wk = w + k * N + n0;
     const float a = x[k];
-    for (int64_t n = 0; n < len; ++n) yp[n] += a * wk[n];
+    for (int64_t n = 0; n < len; ++n) yp[n] += a * ToFloat(wk[n]);
   }
 }
-
-using mmjax_simd::Load;
-using mmjax_simd::Vec;
 
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kBlock = 1024;         // columns per accumulator block
@@ -66,74 +121,69 @@ constexpr int64_t kLd = kBlock + kVec;   // its row stride: 4160 bytes, not a mu
 constexpr int kGroup = 8;                // rows of w per pass over the block
 
 // y[0:M, n0:n1] = x[0:M] @ w[:, n0:n1]; x is [M, K] and y [M, N], row-major.
-template <int M>
-void Rows(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
+template <int M, typename W>
+void Rows(const float* __restrict__ x, const W* __restrict__ w, float* __restrict__ y,
           int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  // U registers of columns per row and step: M x U accumulators + U weights stay in registers
+  // (16 on AVX2: 2 columns of registers up to 4 rows, then 1; 32 on AVX-512: always 2).
+  constexpr int U = (kN >= 16 || M <= 4) ? 2 : 1;
   alignas(64) static thread_local float acc[kMaxRows * kLd];
   for (int64_t b0 = n0; b0 < n1; b0 += kBlock) {
-    const int64_t len = std::min(n1, b0 + kBlock) - b0, lv = len / kVec * kVec;
+    const int64_t len = std::min(n1, b0 + kBlock) - b0, lv = len / kN * kN;
     for (int m = 0; m < M; ++m) std::memset(acc + m * kLd, 0, len * sizeof(float));
     int64_t k = 0;
     for (; k + kGroup <= K; k += kGroup) {
-      const float* wk = w + k * N + b0;
+      const W* wk = w + k * N + b0;
       float a[M][kGroup];
       for (int m = 0; m < M; ++m)
         for (int g = 0; g < kGroup; ++g) a[m][g] = x[m * K + k + g];
       int64_t n = 0;
-      for (; n + 2 * kVec <= lv; n += 2 * kVec) {
-        Vec t0[M], t1[M];
+      for (; n + U * kN <= lv; n += U * kN) {
+        NVec t[U][M];
 #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-          t0[m] = *reinterpret_cast<Vec*>(acc + m * kLd + n);
-          t1[m] = *reinterpret_cast<Vec*>(acc + m * kLd + n + kVec);
-        }
+        for (int m = 0; m < M; ++m)
+          for (int u = 0; u < U; ++u) t[u][m] = *reinterpret_cast<NVec*>(acc + m * kLd + n + u * kN);
 #pragma GCC unroll 8
         for (int g = 0; g < kGroup; ++g) {
-          const Vec w0 = Load(wk + g * N + n), w1 = Load(wk + g * N + n + kVec);
+          NVec wv[U];
+          for (int u = 0; u < U; ++u) wv[u] = LoadW(wk + g * N + n + u * kN);
 #pragma GCC unroll 8
-          for (int m = 0; m < M; ++m) {
-            t0[m] += a[m][g] * w0;
-            t1[m] += a[m][g] * w1;
-          }
+          for (int m = 0; m < M; ++m)
+            for (int u = 0; u < U; ++u) t[u][m] += a[m][g] * wv[u];
         }
 #pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) {
-          *reinterpret_cast<Vec*>(acc + m * kLd + n) = t0[m];
-          *reinterpret_cast<Vec*>(acc + m * kLd + n + kVec) = t1[m];
-        }
+        for (int m = 0; m < M; ++m)
+          for (int u = 0; u < U; ++u) *reinterpret_cast<NVec*>(acc + m * kLd + n + u * kN) = t[u][m];
       }
-      for (; n < len; ++n)  // the last < 2 vectors of the block
+      for (; n < len; ++n)  // the last < U vectors of the block
         for (int m = 0; m < M; ++m) {
           float s = 0;
-          for (int g = 0; g < kGroup; ++g) s += a[m][g] * wk[g * N + n];
+          for (int g = 0; g < kGroup; ++g) s += a[m][g] * ToFloat(wk[g * N + n]);
           acc[m * kLd + n] += s;
         }
     }
     for (; k < K; ++k) {  // K % 8 leftover rows of w
-      const float* wk = w + k * N + b0;
+      const W* wk = w + k * N + b0;
       for (int m = 0; m < M; ++m) {
         const float a = x[m * K + k];
-        for (int64_t n = 0; n < len; ++n) acc[m * kLd + n] += a * wk[n];
+        for (int64_t n = 0; n < len; ++n) acc[m * kLd + n] += a * ToFloat(wk[n]);
       }
     }
     for (int m = 0; m < M; ++m) std::memcpy(y + m * N + b0, acc + m * kLd, len * sizeof(float));
   }
 }
 
-using ColumnsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-// kColumns[m]: the kernel for m rows (1 <= m <= kMaxRows).
-constexpr ColumnsFn kColumns[kMaxRows + 1] = {nullptr, Columns, Rows<2>, Rows<3>, Rows<4>,
-                                               Rows<5>, Rows<6>, Rows<7>, Rows<8>};
+template <typename W>
+using ColumnsFn = void (*)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t);
+// kColumns<W>[m]: the kernel for m rows (1 <= m <= kMaxRows).
+template <typename W>
+constexpr ColumnsFn<W> kColumns[kMaxRows + 1] = {nullptr,    Columns<W>, Rows<2, W>, Rows<3, W>, Rows<4, W>,
+                                                 Rows<5, W>, Rows<6, W>, Rows<7, W>, Rows<8, W>};
 
-ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[0] < 1 || xd[1] != wd[0])
-    return ffi::Error::InvalidArgument("mmjax_gemv_f32: expects x [M, K] and w [K, N]");
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  const int64_t M = xd[0], K = wd[0], N = wd[1];
+// y = x @ w (* scale per column when scale is not null); x [M, K], w [K, N], y [M, N].
+template <typename W>
+void Gemv(ffi::ThreadPool& pool, const float* xp, const W* wp, const float* scale, float* yp, int64_t M, int64_t K,
+          int64_t N) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // One contiguous column block per thread (>= 64 columns): long runs per row stream best.
   // Measured on the 2-core box, 12 MLP blocks at D 768 / F 2048: one block per thread 22 GB/s,
@@ -143,16 +193,63 @@ ffi::Error GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   mmjax_pool::ParallelFor(pool, (N + chunk - 1) / chunk, [&](int64_t c) {
     const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)  // more than 8 rows: 8 at a time
-      kColumns[std::min(kMaxRows, M - m0)](xp + m0 * K, wp, yp + m0 * N, K, N, n0, n1);
+      kColumns<W>[std::min(kMaxRows, M - m0)](xp + m0 * K, wp, yp + m0 * N, K, N, n0, n1);
+    if (scale != nullptr)  // the int8 kernel's per-column scale, once per finished column
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) yp[m * N + n] *= scale[n];
   });
+}
+
+ffi::Error CheckShapes(const char* name, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd) {
+  if (xd.size() != 2 || wd.size() != 2 || xd[0] < 1 || xd[1] != wd[0])
+    return ffi::Error::InvalidArgument(std::string(name) + ": expects x [M, K] and w [K, N]");
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (auto e = CheckShapes("mmjax_gemv_f32", xd, wd); e.failure()) return e;
+  Gemv<float>(pool, x.typed_data(), w.typed_data(), nullptr, y->typed_data(), xd[0], wd[0], wd[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (auto e = CheckShapes("mmjax_gemv_bf16", xd, wd); e.failure()) return e;
+  Gemv<uint16_t>(pool, x.typed_data(), w.typed_data(), nullptr, y->typed_data(), xd[0], wd[0], wd[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                  ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions();
+  if (auto e = CheckShapes("mmjax_gemv_s8", xd, wd); e.failure()) return e;
+  if (sd.size() != 1 || sd[0] != wd[1])
+    return ffi::Error::InvalidArgument("mmjax_gemv_s8: expects scale [N] for w [K, N]");
+  Gemv<int8_t>(pool, x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(), xd[0], wd[0], wd[1]);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxGemvF32, GemvImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxGemvF32, GemvF32,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxGemvBF16, GemvBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxGemvS8, GemvS8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
