@@ -18,7 +18,7 @@ FINISH_REASONS = ("stop", "length", "abort")
 _ids = itertools.count()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a request is itself (its arrays have no truth value)
 class Request:
     prompt_token_ids: list[int]  # after image expansion (each image's token run is in it)
     mm_inputs: dict[str, np.ndarray]  # the processor's image arrays for this row ({} without images)
