@@ -20,6 +20,7 @@ from mmjax.generation.engine import Engine
 from mmjax.generation.sampling import SamplingParams
 from mmjax.generation.state import StepArgs
 from mmjax.jsonfile import read_json
+from mmjax.kernels.kv_cache import check_kv_cache_dtype
 from mmjax.kernels.policy import KernelPolicy, with_kernels
 from mmjax.models.base import param_shapes
 from mmjax.sharding import encoder_input_sharding, make_mesh, param_shardings, shard_batch, state_shardings, to_host
@@ -44,6 +45,7 @@ class Model:
     buckets: Buckets = DEFAULT_BUCKETS
     mesh: Any = None
     mm_encoder_tp_mode: str = "weights"  # with a mesh: split the vision tower's weights, or its images
+    kv_cache_dtype: str = "auto"  # the KV cache's storage: auto (= dtype), float32, bfloat16, int8
     engine: Engine = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
@@ -52,7 +54,7 @@ class Model:
             self.mesh = make_mesh(self.mesh)
             state_sharding = functools.partial(state_shardings, self.mesh)
             encoder_sharding = functools.partial(encoder_input_sharding, self.mesh, mode=self.mm_encoder_tp_mode)
-        self.engine = Engine(self.module, state_sharding, encoder_sharding)
+        self.engine = Engine(self.module, state_sharding, encoder_sharding, self.kv_cache_dtype)
 
     @property
     def tokenizer(self):
@@ -101,7 +103,8 @@ def _check_family_spec(path: str, spec) -> None:
 
 
 def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: Buckets | None = None,
-         kernels: KernelPolicy | None = None, compile_cache: bool | None = None, verify: bool = True) -> Model:
+         kernels: KernelPolicy | None = None, compile_cache: bool | None = None, verify: bool = True,
+         kv_cache_dtype: str = "auto") -> Model:
     """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files.
 
     mesh: a jax Mesh or a spec such as "data:2,model:4" (docs/sharding.md); mm_encoder_tp_mode
@@ -110,10 +113,13 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
     kernels: the KernelPolicy for every component (default: the one stored with the config); the
     MMJAX_CPU_GEMV / MMJAX_CPU_ATTENTION opt-outs apply on top, read here once (docs/kernels.md).
     compile_cache: JAX's persistent compilation cache (default on; MMJAX_COMPILE_CACHE=0 turns it off).
-    verify: check every parameter's bytes against params/params_manifest.json first (docs/converters.md)."""
+    verify: check every parameter's bytes against params/params_manifest.json first (docs/converters.md).
+    kv_cache_dtype: "auto" (the model's dtype), "float32", "bfloat16" or "int8" (a scale per token
+    and kv head; mmjax.kernels.kv_cache), for generate and the serving engine."""
     from mmjax import checkpoint, compile_cache as cc
     from mmjax.sharding.rules import ENCODER_MODES
 
+    check_kv_cache_dtype(kv_cache_dtype)
     if mm_encoder_tp_mode not in ENCODER_MODES:
         raise InputError(f"mm_encoder_tp_mode={mm_encoder_tp_mode!r} is not one of {', '.join(ENCODER_MODES)}")
 
@@ -167,7 +173,7 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
     params = checkpoint.restore_params(os.path.join(path, "params"), target, verify=verify)
     processor = family.processor(path, cfg) if family.processor is not None else None
     return Model(path, family, cfg, module, params, processor, dtype, buckets or DEFAULT_BUCKETS, mesh,
-                 mm_encoder_tp_mode)
+                 mm_encoder_tp_mode, kv_cache_dtype)
 
 
 def _lengths(input_ids, attention_mask) -> np.ndarray:

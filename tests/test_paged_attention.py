@@ -102,3 +102,27 @@ def test_paged_attention_lowers_to_each_platforms_kernel(H_, G_, dtype):
     assert (calls(lowered(fn, "tpu", *args))["tpu"] >= 1) == (H_ % 128 == 0)
     cpu = calls(lowered(fn, "cpu", *args))
     assert cpu["cpu"] == (1 if dtype == jnp.float32 and ffi.available() else 0)
+
+
+@pytest.mark.parametrize("attention_cpu", ["cpu", "xla", "pallas"])
+def test_int8_pools_with_scales_match_the_dequantized_pools(attention_cpu):
+    """int8 pools + scales [K, P, Z] (kv_cache_dtype="int8") read as the float pools they stand for;
+    the Pallas GPU kernel (interpret mode here) takes the scales itself."""
+    from mmjax.kernels import kv_cache
+
+    q, kp, vp, tables, lengths = _case([1, 7, 16], L=4)
+    (kq, ks), (vq, vs) = kv_cache.quantize(jnp.asarray(kp)), kv_cache.quantize(jnp.asarray(vp))
+    want = _dense(q, kv_cache.dequantize(kq, ks), kv_cache.dequantize(vq, vs), tables, lengths)
+    pol = KernelPolicy(attention_cpu=attention_cpu)
+    got = jax.jit(lambda *a: paged_attention(*a[:5], kernels=pol, k_scales=a[5], v_scales=a[6]))(
+        jnp.asarray(q), kq, vq, jnp.asarray(tables), jnp.asarray(lengths), ks, vs)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_int8_pools_lower_to_the_gpu_kernel_with_scales():
+    args = (spec(8, 1, 32, 128, dtype=jnp.bfloat16), spec(8, 2048, 16, 128, dtype=jnp.int8),
+            spec(8, 2048, 16, 128, dtype=jnp.int8), spec(8, 128, dtype=jnp.int32), spec(8, dtype=jnp.int32),
+            spec(8, 2048, 16, dtype=jnp.float32), spec(8, 2048, 16, dtype=jnp.float32))
+    pol = KernelPolicy(attention_gpu="pallas")
+    text = lowered(lambda *a: paged_attention(*a[:5], kernels=pol, k_scales=a[5], v_scales=a[6]), "cuda", *args)
+    assert calls(text)["triton"] >= 1

@@ -24,7 +24,9 @@ import numpy as np
 
 from mmjax.generation.sampling import select_token
 from mmjax.generation.state import DecodeState, StepArgs
+from mmjax.kernels import kv_cache
 from mmjax.kernels.attention import MaskSpec
+from mmjax.kernels.kv_cache import check_kv_cache_dtype
 
 __all__ = ["Engine", "RunResult"]
 
@@ -49,11 +51,12 @@ class Engine:
     The module's config carries the kernel policy (mmjax.kernels.policy), so which kernels a
     program uses is part of the module, hence of every jit cache key."""
 
-    def __init__(self, module, state_sharding=None, encoder_sharding=None):
+    def __init__(self, module, state_sharding=None, encoder_sharding=None, kv_cache_dtype: str = "auto"):
         """state_sharding: None on one device; with a mesh, state -> matching tree of shardings
         (mmjax.sharding.state_shardings), pinned on every step's output so the donated state
         keeps one layout from step to step and the partitioner never gathers the cache."""
         self.module = module
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)  # mmjax.kernels.kv_cache
         self.state_sharding = state_sharding
         self.encoder_sharding = encoder_sharding  # images' shape -> layout (mmjax.sharding.encoder_input_sharding)
         # With a mesh the module's KernelPolicy has no CPU custom calls (a custom call has no
@@ -80,12 +83,25 @@ class Engine:
         logits, kv, pos_offset = self.module.apply({"params": params}, method=run)  # logits [B, V]
         B, T = batch["input_ids"].shape
         # prefill's keys come as [B, T, K, H]; the cache is [B, K, S, H] (mmjax.layers.attention)
-        pad = ((0, 0), (0, 0), (0, cache_len - T), (0, 0))
-        cache = [{n: jnp.pad(c[n].swapaxes(1, 2), pad) for n in ("k", "v")} for c in kv]
+        cache = [self._cache_layer(c, cache_len) for c in kv]
         state = DecodeState(cache=cache, last=jnp.zeros((B,), jnp.int32), index=lengths.astype(jnp.int32),
                             pos_offset=pos_offset.astype(jnp.int32), tokens=jnp.zeros((B, token_slots), jnp.int32),
                             done=jnp.zeros((B,), bool), step=jnp.int32(0))
         return self._pin(self._emit(state, logits, args, greedy))
+
+    def _cache_layer(self, kv, cache_len: int) -> dict:
+        """One layer's prefill keys {"k","v": [B, T, K, H]} -> the cache layer [B, K, S, H] in the
+        cache dtype (int8: + scales [B, K, S])."""
+        out = {}
+        for n in ("k", "v"):
+            x = kv[n].swapaxes(1, 2)  # [B, K, T, H]
+            pad = ((0, 0), (0, 0), (0, cache_len - x.shape[2]), (0, 0))
+            if self.kv_cache_dtype == "int8":
+                q, scale = kv_cache.quantize(x)
+                out[n], out[f"{n}_scale"] = jnp.pad(q, pad), jnp.pad(scale, pad[:3], constant_values=1.0)
+            else:
+                out[n] = jnp.pad(x.astype(kv_cache.storage_dtype(self.kv_cache_dtype, x.dtype)), pad)
+        return out
 
     def _decode_step(self, params, state: DecodeState, args: StepArgs, *, greedy: bool) -> DecodeState:
         index = state.index

@@ -18,7 +18,7 @@ class DecodeState:
     """Everything a decode step reads and writes; donated to each step (the cache is updated in
     place). Rows are right-padded: each row's prompt sits at cache slots 0..len-1, so a row in a
     batch sees exactly the positions and keys it would see alone."""
-    cache: Any  # list of per-layer {"k", "v": [B, K, S, H]}
+    cache: Any  # list of per-layer {"k", "v": [B, K, S, H]} (int8: + "k_scale", "v_scale" [B, K, S])
     last: jax.Array  # [B] token fed to the next step
     index: jax.Array  # [B] cache slot of that token (= prompt length + tokens so far)
     pos_offset: jax.Array  # [B] rope position = cache index + pos_offset (M-RoPE's rope delta)

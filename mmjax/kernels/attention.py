@@ -24,7 +24,7 @@ import functools
 import jax
 
 from mmjax.errors import InputError
-from mmjax.kernels import tpu_attention
+from mmjax.kernels import kv_cache, tpu_attention
 from mmjax.kernels.cpu import decode_attention as cpu_decode
 from mmjax.kernels.cpu import prefill_attention as cpu_prefill
 from mmjax.kernels.decode_attention import decode_attention
@@ -70,7 +70,15 @@ def attention(
     kernels: KernelPolicy = DEFAULT,
     scale: float | None = None,
     kv_layout: str = "BSKH",
+    k_scale: jax.Array | None = None,  # an int8 cache's scales [B, K, S] (mmjax.kernels.kv_cache)
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:  # [B, T, N, H] in q's dtype
+    if (k_scale is None) != (v_scale is None) or (k_scale is not None and kv_layout != "BKSH"):
+        raise InputError("attention: k_scale and v_scale come together, with an int8 BKSH cache")
+    if k_scale is not None:  # the float kernels read floats: the int8 cache is widened first
+        k, v = kv_cache.dequantize(k, k_scale, q.dtype), kv_cache.dequantize(v, v_scale, q.dtype)
+    elif k.dtype != q.dtype:  # a cache stored narrower than the model (kv_cache_dtype="bfloat16")
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     if kv_layout not in ("BSKH", "BKSH"):
         raise InputError(f"attention: kv_layout={kv_layout!r} is not 'BSKH' or 'BKSH'")
     if not isinstance(kernels, KernelPolicy):

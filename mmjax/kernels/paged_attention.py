@@ -75,24 +75,49 @@ def _check(q, k_pages, v_pages, block_tables, lengths):
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, kernels: KernelPolicy = DEFAULT,
-                    scale: float | None = None):
+                    scale: float | None = None, k_scales=None, v_scales=None):
     """q [B, 1, N, H]; k/v_pages [K, P, Z, H]; block_tables [B, L] int32; lengths [B] int32
-    (keys 0 <= s < lengths[b] visible, >= 1) -> [B, 1, N, H] in q's dtype."""
+    (keys 0 <= s < lengths[b] visible, >= 1) -> [B, 1, N, H] in q's dtype.
+    k/v_scales [K, P, Z] float32: the pools are int8 (mmjax.kernels.kv_cache); the GPU kernel
+    reads them as they are, the other paths widen the gathered pages."""
     _check(q, k_pages, v_pages, block_tables, lengths)
+    if (k_scales is None) != (v_scales is None):
+        raise InputError("paged_attention: k_scales and v_scales come together")
     lengths = lengths.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
-    plan = functools.partial(_plan, kernels, q, k_pages, scale)
-    return dispatch(kernels, plan, q, k_pages, v_pages, block_tables, lengths)
+    if k_scales is None and k_pages.dtype == q.dtype:
+        plan = functools.partial(_plan, kernels, q, k_pages, scale, False)
+        return dispatch(kernels, plan, q, k_pages, v_pages, block_tables, lengths)
+    if k_scales is None:  # pools stored narrower than the model (bfloat16): widened like int8 with scale 1
+        k_scales = v_scales = jnp.ones(k_pages.shape[:3], jnp.float32)
+    plan = functools.partial(_plan, kernels, q, k_pages, scale, True)
+    return dispatch(kernels, plan, q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales)
 
 
-def _plan(kernels: KernelPolicy, q, k_pages, scale, platform: str | None):
+def _widened(fn, q):
+    """fn(q, k, v, tables, lengths) over int8 pools + scales: the pools widened to q's dtype first."""
+    def run(q, k, v, tables, lengths, ks, vs):
+        from mmjax.kernels.kv_cache import dequantize
+        return fn(q, dequantize(k, ks, q.dtype), dequantize(v, vs, q.dtype), tables, lengths)
+    return run
+
+
+def _plan(kernels: KernelPolicy, q, k_pages, scale, quantized: bool, platform: str | None):
+    key, fn = _plan_float(kernels, q, k_pages, scale, quantized, platform)
+    if quantized and key[0] != "triton":  # the GPU kernel takes the scales itself
+        return key, _widened(fn, q)
+    return key, fn
+
+
+def _plan_float(kernels: KernelPolicy, q, k_pages, scale, quantized: bool, platform: str | None):
     xla = ("xla",), functools.partial(_xla, scale=scale)
     choice = "xla" if platform is None else kernels.attention(platform)
     if choice == "xla":
         return xla
     if choice == "cpu":
         B, _, N, H = q.shape
-        kv = jax.ShapeDtypeStruct((B, k_pages.shape[0], 1, H), k_pages.dtype)  # the gathered [B, K, S, H]
+        dtype = q.dtype if quantized else k_pages.dtype  # int8 / narrower pools reach the kernel widened
+        kv = jax.ShapeDtypeStruct((B, k_pages.shape[0], 1, H), dtype)  # the gathered [B, K, S, H]
         if cpu_decode.eligible(q, kv, kv,
                                MaskSpec(causal=True, kv_lengths=jnp.zeros((B,), jnp.int32))):
             return ("cpu",), functools.partial(_cpu, scale=scale)
@@ -120,13 +145,13 @@ def _scaled(q, scale):  # the Pallas paged kernels take q already scaled, [B, N,
     return (q[:, 0].astype(jnp.float32) * scale).astype(q.dtype)
 
 
-def _gpu(q, k_pages, v_pages, block_tables, lengths, *, scale, interpret):
+def _gpu(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None, *, scale, interpret):
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as gpu_paged
 
     L = block_tables.shape[1]
     splits = max(d for d in range(1, 17) if L % d == 0)
     per_block = max(d for d in range(1, 9) if (L // splits) % d == 0)
-    out = gpu_paged(_scaled(q, scale), k_pages, v_pages, block_tables, lengths, k_splits=splits,
+    out = gpu_paged(_scaled(q, scale), k_pages, v_pages, block_tables, lengths, k_scales, v_scales, k_splits=splits,
                     pages_per_compute_block=per_block, interpret=interpret)
     return out[:, None].astype(q.dtype)
 

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.kernels.attention import MaskSpec, attention
+from mmjax.kernels import kv_cache
 from mmjax.kernels.paged_attention import paged_attention, write_pages
 from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Einsum
 from mmjax.layers.rope import apply_rope
 
-__all__ = ["Attention", "write_cache"]
+__all__ = ["Attention", "store_kv", "write_cache"]
 
 
 def write_cache(cache, new, index):
@@ -39,6 +40,17 @@ def write_cache(cache, new, index):
     return jax.vmap(one)(cache, upd, index)
 
 
+def store_kv(cache, k, v, write):
+    """The cache layer with this call's k/v [B, T, K, H] written by write(buffer, new) (int8:
+    quantized, scales beside)."""
+    if not kv_cache.is_quantized(cache):
+        return {**cache, "k": write(cache["k"], k), "v": write(cache["v"], v)}
+    (kq, ks), (vq, vs) = kv_cache.quantize(k), kv_cache.quantize(v)
+    wscale = lambda buf, new: write(buf[..., None], new[..., None])[..., 0]  # noqa: E731  [.., S] via [.., S, 1]
+    return {**cache, "k": write(cache["k"], kq), "v": write(cache["v"], vq),
+            "k_scale": wscale(cache["k_scale"], ks), "v_scale": wscale(cache["v_scale"], vs)}
+
+
 class Attention(nn.Module):
     hidden_size: int  # D
     num_heads: int  # N
@@ -56,6 +68,8 @@ class Attention(nn.Module):
 
         Without a cache, attends over this call's own T keys and returns (y, {"k","v"}: [B, T, K, H]).
         With one, writes this call's keys at write_index [B] and attends over the cache.
+        An int8 cache (mmjax.kernels.kv_cache) has "k_scale"/"v_scale" [B, K, S] beside; its
+        writes quantize this call's keys per token and head.
         A paged cache (the serving engine's: {"k","v": pages [K, P, Z, H], "slots": [B, T],
         "block_tables": [B, L]}, mmjax.kernels.paged_attention) takes one decode token per row:
         its keys go to `slots`, and it attends to keys 0..mask.kv_lengths[b]-1 through the table.
@@ -69,16 +83,17 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None and "block_tables" in cache:
-            new_cache = {**cache, "k": write_pages(cache["k"], k, cache["slots"]),
-                         "v": write_pages(cache["v"], v, cache["slots"])}
+            new_cache = store_kv(cache, k, v, lambda buf, new: write_pages(buf, new, cache["slots"]))
             out = paged_attention(q, new_cache["k"], new_cache["v"], cache["block_tables"], mask.kv_lengths,
-                                  kernels=self.kernels)
+                                  kernels=self.kernels, k_scales=new_cache.get("k_scale"),
+                                  v_scales=new_cache.get("v_scale"))
         elif cache is None:
             new_cache = {"k": k, "v": v}
             out = attention(q, k, v, mask, kernels=self.kernels)  # [B, T, N, H]
         else:
-            new_cache = {"k": write_cache(cache["k"], k, write_index), "v": write_cache(cache["v"], v, write_index)}
-            out = attention(q, new_cache["k"], new_cache["v"], mask, kernels=self.kernels, kv_layout="BKSH")
+            new_cache = store_kv(cache, k, v, lambda buf, new: write_cache(buf, new, write_index))
+            out = attention(q, new_cache["k"], new_cache["v"], mask, kernels=self.kernels, kv_layout="BKSH",
+                            k_scale=new_cache.get("k_scale"), v_scale=new_cache.get("v_scale"))
         y = Einsum((N, H, D), "BTNH,NHD->BTD", (D,) if self.o_bias else None, self.dtype, name="o",
                    flatten_contraction=True, **kw)(out)
         return y, new_cache

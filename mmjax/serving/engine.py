@@ -36,6 +36,7 @@ from mmjax.components import get_component
 from mmjax.errors import InputError, MmjaxError
 from mmjax.generation.sampling import SamplingParams
 from mmjax.kernels.attention import MaskSpec
+from mmjax.kernels.kv_cache import check_kv_cache_dtype, storage_dtype
 from mmjax.serving.encoder_cache import EncoderCache, image_key
 from mmjax.sharding.rules import logical_to_spec
 from mmjax.serving.pages import NULL_PAGE, PagePool, pages_for, slot_mapping
@@ -58,11 +59,12 @@ def _pow2_upto(n: int) -> tuple[int, ...]:
 
 
 def pool_sharding(mesh, shape):
-    """One layer's page pool [K, P, Z, H] on a mesh: kv heads over `model` (as the static
-    cache's K), the rest replicated; heads that do not divide fall back to replicated."""
+    """One layer's page pool [K, P, Z, H] (or its int8 scales [K, P, Z]) on a mesh: kv heads over
+    `model` (as the static cache's K), the rest replicated; heads that do not divide fall back to
+    replicated."""
     from jax.sharding import NamedSharding
 
-    return NamedSharding(mesh, logical_to_spec("serving page pool", shape, ("K", None, None, None), mesh))
+    return NamedSharding(mesh, logical_to_spec("serving page pool", shape, ("K",) + (None,) * (len(shape) - 1), mesh))
 
 
 @dataclasses.dataclass(eq=False)  # identity: a sequence is itself, whatever its fields
@@ -82,7 +84,7 @@ class _Seq:
 class ServingEngine:
     def __init__(self, model, *, max_num_seqs: int = 32, max_model_len: int | None = None, page_size: int = 16,
                  num_pages: int | None = None, kv_cache_mb: int = 1024, max_waiting: int = 256,
-                 max_prefill_tokens: int = 2048, encoder_cache_mb: int = 256):
+                 max_prefill_tokens: int = 2048, encoder_cache_mb: int = 256, kv_cache_dtype: str | None = None):
         if not hasattr(model.module, "decode"):
             raise InputError(f"ServingEngine: family {model.family.name!r} has no decoder")
         for name, v in (("max_num_seqs", max_num_seqs), ("page_size", page_size), ("max_waiting", max_waiting),
@@ -102,18 +104,26 @@ class ServingEngine:
         self.batch_buckets = tuple(b for b in model.buckets.batch if b < max_num_seqs) + (max_num_seqs,)
 
         layers = self._kv_layout()  # [(K, H)] per layer
-        per_page = sum(2 * K * H for K, H in layers) * page_size * jnp.dtype(model.dtype).itemsize
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype or model.kv_cache_dtype)
+        store = storage_dtype(self.kv_cache_dtype, model.dtype)
+        quantized = self.kv_cache_dtype == "int8"  # + a float32 scale per token and kv head
+        per_page = sum(2 * K * (H * store.itemsize + 4 * quantized) for K, H in layers) * page_size
         if num_pages is None:
             want = max_num_seqs * self.max_pages_per_seq + 1
             num_pages = max(2, min(want, int(kv_cache_mb * 2**20 // per_page)))
         self.pool = PagePool(int(num_pages), page_size)
         self.kv_bytes = per_page * self.pool.num_pages
-        shape = lambda K, H: (K, self.pool.num_pages, page_size, H)  # noqa: E731
-        self.pool_shardings = None if model.mesh is None else [pool_sharding(model.mesh, shape(K, H)) for K, H in layers]
-        self.pools = [{n: self._zeros(shape(K, H), i) for n in ("k", "v")} for i, (K, H) in enumerate(layers)]
-        # one set of jitted programs per loaded model, shared by its engines (compiled once); with
-        # a mesh the pools are split over kv heads like the static cache (docs/serving.md)
-        self.steps = model.__dict__.setdefault("_serving_steps", PagedSteps(model.module, self.pool_shardings))
+        P = self.pool.num_pages
+        layout = [{"k": ((K, P, page_size, H), store), "v": ((K, P, page_size, H), store),
+                   **({"k_scale": ((K, P, page_size), jnp.float32), "v_scale": ((K, P, page_size), jnp.float32)}
+                      if quantized else {})} for K, H in layers]
+        self.pool_shardings = None if model.mesh is None else \
+            [{n: pool_sharding(model.mesh, shp) for n, (shp, _) in lay.items()} for lay in layout]
+        self.pools = [{n: self._zeros(shp, dt, i, n) for n, (shp, dt) in lay.items()} for i, lay in enumerate(layout)]
+        # one set of jitted programs per loaded model and cache dtype, shared by its engines
+        # (compiled once); with a mesh the pools are split over kv heads like the static cache
+        self.steps = model.__dict__.setdefault(f"_serving_steps_{self.kv_cache_dtype}",
+                                               PagedSteps(model.module, self.pool_shardings))
         self.encoder_cache = EncoderCache(encoder_cache_mb * 2**20)
         vision_type = getattr(model.config, "vision_type", None)
         self._vision_keys = None if vision_type is None or not hasattr(model.module, "image_features") else \
@@ -126,10 +136,10 @@ class ServingEngine:
         self.running: list[_Seq] = []
         self.preemptions = 0
 
-    def _zeros(self, shape, layer):
+    def _zeros(self, shape, dtype, layer, name):
         if self.pool_shardings is None:
-            return jnp.zeros(shape, self.model.dtype)
-        return jax.jit(lambda: jnp.zeros(shape, self.model.dtype), out_shardings=self.pool_shardings[layer])()
+            return jnp.zeros(shape, dtype)
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.pool_shardings[layer][name])()
 
     @property
     def tokenizer(self):

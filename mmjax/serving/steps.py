@@ -3,7 +3,7 @@
 Axis legend: B rows (a batch bucket), T prompt tokens (a prompt bucket), V vocab, E stop-id
 slots, L pages per row (a page bucket), K kv heads, P pages, Z page size, H head dim.
 
-pools: one {"k", "v": [K, P, Z, H]} per decoder layer, donated to prefill and decode (updated in
+pools: one {"k", "v": [K, P, Z, H]} per decoder layer (int8 pools: + "k_scale", "v_scale" [K, P, Z]), donated to prefill and decode (updated in
 place). Each row carries its own sampling arguments (RowArgs), so a batch mixes requests freely;
 a row samples exactly as mmjax.generate samples that request alone (same key, same step index).
 """
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from mmjax.generation.sampling import select_token
 from mmjax.kernels.attention import MaskSpec
 from mmjax.kernels.paged_attention import write_pages
+from mmjax.layers.attention import store_kv
 
 __all__ = ["PagedSteps", "RowArgs"]
 
@@ -88,7 +89,7 @@ class PagedSteps:
             return mod.logits(last)[:, 0], kv, pos_offset
 
         logits, kv, pos_offset = self.module.apply({"params": params}, method=run)
-        pools = [{n: write_pages(p[n], c[n], slots) for n in ("k", "v")} for p, c in zip(pools, kv)]
+        pools = [store_kv(p, c["k"], c["v"], lambda buf, new: write_pages(buf, new, slots)) for p, c in zip(pools, kv)]
         return self._pin(pools), select_rows(logits, rows, greedy), pos_offset.astype(jnp.int32)
 
     def _decode(self, params, pools, last, index, pos_offset, slots, block_tables, rows: RowArgs, *, greedy: bool):
@@ -103,11 +104,11 @@ class PagedSteps:
             return mod.logits(h)[:, 0], new
 
         logits, new = self.module.apply({"params": params}, method=run)
-        pools = [{n: c[n] for n in ("k", "v")} for c in new]
+        pools = [{n: a for n, a in c.items() if n not in ("slots", "block_tables")} for c in new]
         return self._pin(pools), select_rows(logits, rows, greedy)
 
     def _pin(self, pools):
         if self.pool_shardings is None:
             return pools
-        return [{n: jax.lax.with_sharding_constraint(p[n], s) for n in ("k", "v")}
+        return [{n: jax.lax.with_sharding_constraint(a, s[n]) for n, a in p.items()}
                 for p, s in zip(pools, self.pool_shardings)]

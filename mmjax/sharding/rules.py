@@ -285,7 +285,8 @@ def state_shardings(mesh: Mesh, state, axis_rules: Mapping[str, Any] = AXIS_RULE
     by CACHE_AXES, every other array by rows, scalars replicated. Works on abstract values."""
     def one(path, x):
         in_cache = any(getattr(p, "key", getattr(p, "name", None)) == "cache" for p in path)  # dict or dataclass
-        axes = CACHE_AXES if in_cache and x.ndim == 4 else ("B",) + (None,) * (x.ndim - 1) if x.ndim else ()
+        # cache leaves: k/v [B, K, S, H]; an int8 cache's scales [B, K, S] split the same way
+        axes = CACHE_AXES[:x.ndim] if in_cache and x.ndim in (3, 4) else ("B",) + (None,) * (x.ndim - 1) if x.ndim else ()
         return NamedSharding(mesh, logical_to_spec("state" + jax.tree_util.keystr(path), x.shape, axes, mesh,
                                                    axis_rules))
 
