@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt + generated tokens per request (default: the model's context)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
     p.add_argument("--encoder-cache-mb", type=int, default=256, help="image-feature cache size")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+    p.add_argument("--kv-cache-mb", type=int, default=1024, help="cap on the KV-cache page pools")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
+                   help="KV-cache storage (auto: the model's dtype; int8: a scale per token and kv head)")
     p.add_argument("--api-key", default=os.environ.get("MMJAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MMJAX_API_KEY, else none)")
     p.add_argument("--allowed-media-domains", type=_domains, default=(),
@@ -69,9 +73,10 @@ def main(argv=None) -> int:
     from mmjax.serving.server import Limits, build_app
 
     try:
-        model = mmjax.load(args.checkpoint, mesh=args.mesh)
+        model = mmjax.load(args.checkpoint, mesh=args.mesh, kv_cache_dtype=args.kv_cache_dtype)
         engine = ServingEngine(model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                               max_waiting=args.max_waiting, encoder_cache_mb=args.encoder_cache_mb)
+                               max_waiting=args.max_waiting, encoder_cache_mb=args.encoder_cache_mb,
+                               page_size=args.page_size, kv_cache_mb=args.kv_cache_mb)
     except MmjaxError as e:
         print(f"mmjax.serve: {e}", file=sys.stderr)
         return 2
