@@ -5,7 +5,8 @@ in decode speed.
 
 The model of benchmarks/generate.py (LLaVA-shaped: decoder 768 x 12 layers, vocab 32000, CLIP-B
 tower), converted three ways: float32, bfloat16 (--dtype bfloat16) and int8 weight-only (--quantize
-int8 from the float32 folder; "int8+head" with --quantize-lm-head too). Reports
+int8 from the float32 folder; "int8+head" with --quantize-lm-head too; "int8+head+kv8" that model
+with kv_cache_dtype="int8"). Reports
   * accuracy of int8 (and bf16) against float32 over 256 prefill positions: top-1 agreement of
     the logits, and mean KL(p_fp32 || p_quant) in nats;
   * decode tokens/s at batch 1 and 8 (64 new tokens, min_new_tokens=64), fp32 / bf16 / int8 side
@@ -84,7 +85,9 @@ def main(argv=None) -> int:
         print(f"  {k:9s} top-1 agreement {a['top1']:.4f}   mean KL {a['kl_mean']:.3e} nats (max {a['kl_max']:.2e})"
               f"   max |dlogit| {a['max_abs_logit_diff']:.3e}")
 
-    # 2. decode speed, the three kinds alternating within each round
+    # 2. decode speed, the kinds alternating within each round; + the int8 model with an int8 KV
+    # cache (mmjax.load(kv_cache_dtype="int8"): a scale per token and kv head)
+    models["int8+head+kv8"] = mmjax.load(dirs["int8+head"], compile_cache=False, kv_cache_dtype="int8")
     size = models["fp32"].config.vision.image_size
     image = Image.fromarray((np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8))
     prompt = prompt_of(tok, 128)
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
         kw = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, chat_template=False)
         for m in models.values():
             mmjax.generate(m, [[image]] * B, [prompt] * B, **kw)  # compile
-        runs = {k: [] for k in KINDS}
+        runs = {k: [] for k in models}
         for _ in range(args.rounds):
             for k, m in models.items():
                 runs[k].append(mmjax.generate(m, [[image]] * B, [prompt] * B, **kw).timings["decode_tok_s"])
