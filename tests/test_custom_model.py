@@ -135,6 +135,8 @@ def test_tutorial_parity_report_is_clean(tutorial):
                  "decoder/layers_1", "logits"):
         assert want in names
     assert names[-1] == "logits" and len(names) > 40
+    sliced = tutorial["sliced"]  # positions=Q: torch's text-only token embedding is compared too
+    assert sliced.ok and not sliced.skipped and sliced["decoder/embed"].positions == "6:", sliced.table()
 
 
 def test_conversion_exercises_the_custom_transforms(tutorial, capsys):
