@@ -65,7 +65,7 @@ def register_component(kind: str, name: str, config_cls: type, module_cls: type,
     if kind not in KINDS:
         raise InputError(f"component kind {kind!r} is not one of {', '.join(KINDS)}")
     if not (isinstance(config_cls, type) and issubclass(config_cls, ConfigBase)
-            and dataclasses.is_dataclass(config_cls)):
+            and dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
         raise InputError(f"register_component({kind!r}, {name!r}): config class {config_cls!r} must be a frozen "
                          "dataclass subclassing mmjax.config.ConfigBase (it gives from_dict / to_dict)")
     comp = Component(kind, name, config_cls, module_cls, tuple(inputs), example)

@@ -529,8 +529,19 @@ def test_register_component_needs_a_config_dataclass():
     from mmjax.components import register_component
     from mmjax.errors import InputError
 
+    from mmjax.config import ConfigBase
+
     class NotAConfig:
         pass
 
-    with pytest.raises(InputError, match="must be a frozen dataclass subclassing mmjax.config.ConfigBase"):
-        register_component("projector", "oops", NotAConfig, object)
+    @dataclasses.dataclass(frozen=True)
+    class PlainDataclass:  # a config without ConfigBase used to fail later, at from_dict (AttributeError)
+        in_features: int
+
+    @dataclasses.dataclass
+    class NotFrozen(ConfigBase):  # unhashable: it could not be a static argument of jit
+        in_features: int
+
+    for cls in (NotAConfig, PlainDataclass, NotFrozen):
+        with pytest.raises(InputError, match="must be a frozen dataclass subclassing mmjax.config.ConfigBase"):
+            register_component("projector", "oops", cls, object)
