@@ -22,7 +22,7 @@ import tokenize
 import typing
 from pathlib import Path
 
-from mmjax.components import KINDS, _COMPONENTS, Component
+from mmjax.components import KINDS, Component, component_names, get_component
 from mmjax.config_base import ConfigBase
 from mmjax.kernels.policy import KernelPolicy
 
@@ -83,14 +83,11 @@ def _default_text(f: dataclasses.Field) -> str:
     return f"`{v!r}`"
 
 
-def _nested(cls: type) -> list[type]:
+def _nested(cls: type) -> list[tuple[str, type]]:
+    """(field name, config dataclass) for every field whose type is, or may be, a nested config."""
     hints = typing.get_type_hints(cls)
-    found = []
-    for f in dataclasses.fields(cls):
-        for t in (hints[f.name], *typing.get_args(hints[f.name])):
-            if isinstance(t, type) and issubclass(t, ConfigBase) and dataclasses.is_dataclass(t):
-                found.append(t)
-    return found
+    return [(f.name, t) for f in dataclasses.fields(cls) for t in (hints[f.name], *typing.get_args(hints[f.name]))
+            if isinstance(t, type) and issubclass(t, ConfigBase) and dataclasses.is_dataclass(t)]
 
 
 def _cell(text: str) -> str:
@@ -122,7 +119,8 @@ def reference(components: list[Component] | None = None) -> str:
     from mmjax.models.composed import ComposedConfig
 
     if components is None:
-        components = [c for c in _COMPONENTS.values() if c.config_cls.__module__.startswith("mmjax.")]
+        components = [get_component(k, n) for k in KINDS for n in component_names(k)]
+        components = [c for c in components if c.config_cls.__module__.startswith("mmjax.")]
     out = [
         "# Component reference",
         "",
@@ -148,10 +146,9 @@ def reference(components: list[Component] | None = None) -> str:
             cls = comp.config_cls
             out += ["", f"### `{comp.name}`: {cls.__name__} (`{cls.__module__}`)", "", _summary(cls), "",
                     *_table(cls)]
-            for f, t in ((f, t) for f in dataclasses.fields(cls) for t in _nested(cls)
-                         if t.__name__ in _type_text(f)):
+            for name, t in _nested(cls):
                 if t not in ELSEWHERE:
-                    nested.setdefault(t, []).append(f"`{comp.name}.{f.name}`")
+                    nested.setdefault(t, []).append(f"`{comp.name}.{name}`")
     if nested:
         out += ["", "## Nested configs", "", "A field whose type is one of these takes a dict of its fields."]
         for t, used in nested.items():
