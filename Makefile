@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench docs clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) -m pytest -q tests
+
+# docs/components.md is generated from the config dataclasses' field comments
+docs: $(STAMP)
+	$(VPY) -m mmjax.component_reference docs/components.md
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) -m benchmarks.generate

@@ -18,7 +18,10 @@ replaces the mapping; a flax name may also be a sown value ("image_features",
 
 Outputs are aligned before comparing when the layouts differ only by a split of heads
 ([.., N, H] vs [.., N*H]) or by channels-first convolution output ([B, C, y, x] vs [B, y*x, C]);
-pairs that still do not align are listed as skipped, with both shapes. Points are ordered by
+pairs that still do not align are listed as skipped, with both shapes. A torch model that
+returns fewer sequence positions than mmjax computes (text only, without an image prefix) is
+compared on those positions: `positions=slice(Q, None)` (or `positions=Q`) slices axis 1 of
+every mmjax output that is longer there than torch's (logits, decoder/embed). Points are ordered by
 when the torch module finished (forward order), and a point is within tolerance when
 |ours - theirs| <= atol + rtol * |theirs| everywhere (numpy.allclose).
 """
@@ -52,6 +55,7 @@ class Point:
     max_rel: float  # max |Δ| / max |torch|
     ok: bool
     order: int  # forward order (torch completion order)
+    positions: str = ""  # the slice of mmjax's axis 1 compared ("6:"), "" when all of it
 
 
 @dataclasses.dataclass
@@ -78,7 +82,8 @@ class ParityReport:
     def table(self) -> str:
         rows = [("#", "mmjax", "torch", "shape", "max|Δ|", "max rel", "")]
         for k, p in enumerate(self.points, 1):
-            rows.append((str(k), p.name, p.torch_name, "x".join(map(str, p.shape)), f"{p.max_abs:.2e}",
+            name = f"{p.name}[:, {p.positions}]" if p.positions else p.name
+            rows.append((str(k), name, p.torch_name, "x".join(map(str, p.shape)), f"{p.max_abs:.2e}",
                          f"{p.max_rel:.2e}", "ok" if p.ok else "DIFFERS"))
         w = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines = ["  ".join(f"{cell:<{w[c]}}" for c, cell in enumerate(r)).rstrip() for r in rows]
@@ -264,9 +269,20 @@ def _align(ours: np.ndarray, theirs: np.ndarray):
     return None
 
 
-def _point(name, tname, a, b, atol, rtol, order) -> Point | str:
-    """One comparison, or why it cannot be made."""
-    aligned = _align(a, b)
+def _slice_text(s: slice) -> str:
+    return ":".join("" if v is None else str(v) for v in (s.start, s.stop)) + ("" if s.step is None else f":{s.step}")
+
+
+def _point(name, tname, a, b, atol, rtol, order, positions: slice | None = None) -> Point | str:
+    """One comparison, or why it cannot be made. positions: the slice of our axis 1 that torch's
+    output holds, tried when the whole outputs do not align and ours is longer on axis 1."""
+    aligned, sliced = _align(a, b), ""
+    if aligned is None and positions is not None and a.ndim >= 2 and b.ndim >= 2 and a.shape[1] > b.shape[1]:
+        sliced = _slice_text(positions)
+        aligned = _align(a[:, positions], b)
+        if aligned is None:
+            return (f"shapes {a.shape} (mmjax) and {b.shape} (torch) do not align, nor do mmjax positions "
+                    f"[{sliced}] ({a[:, positions].shape})")
     if aligned is None:
         return f"shapes {a.shape} (mmjax) and {b.shape} (torch) do not align"
     a, b = aligned
@@ -274,13 +290,14 @@ def _point(name, tname, a, b, atol, rtol, order) -> Point | str:
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(b).max()) if b.size else 0.0
     ok = bool(np.all(diff <= atol + rtol * np.abs(b))) and bool(np.isfinite(a).all())
-    return Point(name, tname, tuple(b.shape), max_abs, max_abs / max(scale, 1e-30), ok, order)
+    return Point(name, tname, tuple(b.shape), max_abs, max_abs / max(scale, 1e-30), ok, order, sliced)
 
 
 # ---------------------------------------------------------------- compare
 
 def compare(torch_model, torch_inputs, model, inputs: Mapping, points: Mapping[str, str] | Sequence | None = None,
-            *, atol: float = 1e-4, rtol: float = 1e-4, rules=None, verbose: bool = True) -> ParityReport:
+            *, atol: float = 1e-4, rtol: float = 1e-4, rules=None, positions: slice | int | None = None,
+            verbose: bool = True) -> ParityReport:
     """Run both models, compare named intermediates, print the table, return a ParityReport.
 
     torch_model: a torch.nn.Module (eval mode); torch_inputs: kwargs dict (or args tuple) for it.
@@ -288,7 +305,15 @@ def compare(torch_model, torch_inputs, model, inputs: Mapping, points: Mapping[s
     inputs: the flax module's batch (input_ids, pixel_values, ...; attention_mask becomes lengths).
     points: {mmjax name: torch module name} or pairs; default: derived from the converter rules
     (`rules`, default the family's rules for model.config).
+    positions: when the torch model returns fewer sequence positions than the mmjax model computes
+    (say text only, after a prefix of Q image tokens), the slice of mmjax's positions it returns:
+    slice(Q, None), or the int Q for the same. Applied to axis 1 of every mmjax output longer there
+    than torch's (logits, decoder/embed); the table shows it (`logits[:, 6:]`).
     """
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        positions = slice(positions, None)
+    if positions is not None and not isinstance(positions, slice):
+        raise InputError(f"compare: positions must be a slice (or an int offset), got {positions!r}")
     if isinstance(model, tuple):
         module, params = model
         family, cfg = None, getattr(module, "cfg", None)
@@ -337,7 +362,7 @@ def compare(torch_model, torch_inputs, model, inputs: Mapping, points: Mapping[s
         elif b is None:
             why = "the torch module returned no tensor"
         else:
-            got = _point(name, tname, np.asarray(a, np.float64), b, atol, rtol, order[tname])
+            got = _point(name, tname, np.asarray(a, np.float64), b, atol, rtol, order[tname], positions)
             if isinstance(got, Point):
                 results.append(got)
                 continue

@@ -282,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
     p.add_argument("--dry-run", action="store_true", help="check every tensor and shape, print the mapping table, write nothing")
     p.add_argument("--model", help="family to use: a registered name or pkg.module:FAMILY (default: config.json model_type)")
-    p.add_argument("--rules", help="python file whose RULES (list of Rule, or cfg -> list) replaces the family's rules")
+    p.add_argument("--rules", help="python file whose RULES (list of Rule, or cfg -> list) replaces the family's "
+                   "rules (the contract: docs/converters.md, 'A rules file')")
     p.add_argument("--strict", action="store_true", help="NaN/Inf in a converted parameter is an error, not a warning")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--autoport", action="append", default=[], metavar="[KIND:]PREFIX=pkg.mod:Class(k=v)",

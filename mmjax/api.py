@@ -23,6 +23,7 @@ from mmjax.jsonfile import read_json
 from mmjax.kernels.kv_cache import check_kv_cache_dtype
 from mmjax.kernels.policy import KernelPolicy, with_kernels
 from mmjax.models.base import param_shapes
+from mmjax.preprocess.processor import is_one_row
 from mmjax.sharding import encoder_input_sharding, make_mesh, param_shardings, shard_batch, state_shardings, to_host
 from mmjax.tree import flatten_params
 
@@ -58,21 +59,38 @@ class Model:
 
     @property
     def tokenizer(self):
-        return self.processor.tokenizer
+        """The folder's tokenizer; None for a model with its own tokenization (no tokenizer files)."""
+        return None if self.processor is None else self.processor.tokenizer
 
     def preprocess(self, images=None, prompt: str | Sequence[str] = "", *, chat_template: bool | None = None,
-                   mm_processor_kwargs: dict | None = None) -> dict:
+                   mm_processor_kwargs: dict | None = None, prompt_token_ids=None) -> dict:
         """HF-named numpy arrays: input_ids [B, T] (right-padded), attention_mask [B, T], pixel_values, ...
         mm_processor_kwargs: per-request image settings the family's processor takes (Qwen2-VL:
-        min_pixels / max_pixels, as vLLM's)."""
+        min_pixels / max_pixels, as vLLM's).
+        prompt_token_ids: instead of prompt, the ids of a model's own tokenization (one list, or one
+        per row); an image goes where they hold the image token id (first when they hold none)."""
         if self.processor is None:
             raise LoadError(f"{self.path}: no tokenizer/processor files were converted with this model")
-        return self.processor(images, prompt, chat_template=chat_template, mm_processor_kwargs=mm_processor_kwargs)
+        if prompt_token_ids is not None:
+            if prompt not in ("", None):
+                raise InputError("give a text prompt or prompt_token_ids, not both")
+            _check_token_ids(prompt_token_ids, getattr(self.config.text, "vocab_size", None))
+        return self.processor(images, prompt, chat_template=chat_template, mm_processor_kwargs=mm_processor_kwargs,
+                              prompt_token_ids=prompt_token_ids)
+
+
+def _check_token_ids(prompt_token_ids, vocab: int | None) -> None:
+    """Every id of one row (or of each row) in [0, vocab); the processor checks the form."""
+    rows = [prompt_token_ids] if is_one_row(prompt_token_ids) else prompt_token_ids
+    for r, row in enumerate(rows if isinstance(rows, (list, tuple, np.ndarray)) else ()):
+        for t in row if is_one_row(row) else ():
+            if not 0 <= int(t) < (vocab if vocab is not None else np.inf):
+                raise InputError(f"prompt_token_ids row {r}: {int(t)} is not a token id in [0, {vocab})")
 
 
 @dataclasses.dataclass
 class GenerationOutput:
-    text: Any  # str for a str prompt, list[str] for a batch
+    text: Any  # str for a str prompt, list[str] for a batch; None without a tokenizer (prompt_token_ids)
     token_ids: Any  # list[int] / list[list[int]]; a row's stop token is included, as HF does
     prompt_tokens: Any
     timings: dict
@@ -238,10 +256,14 @@ def _as_list(x):
 def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max_new_tokens: int = 64,
              min_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, stop_token_ids: Sequence[int] | None = None, chat_template: bool | None = None,
-             truncate: bool = False, mm_processor_kwargs: dict | None = None) -> GenerationOutput:
+             truncate: bool = False, mm_processor_kwargs: dict | None = None,
+             prompt_token_ids=None) -> GenerationOutput:
     """Preprocess, prefill, then one jitted (donated) decode step per new token.
 
     images: one PIL image, a list (one prompt), a list of lists (a batch), or None.
+    prompt_token_ids: instead of prompt, token ids of the model's own tokenization: one list (one
+    prompt) or a list of lists (a batch). A model converted without tokenizer files takes only
+    these; its output's text is then None (token_ids hold the result).
     truncate=True shortens max_new_tokens to fit the context instead of raising.
     mm_processor_kwargs: per-request image settings (Qwen2-VL: {"max_pixels": 448 * 448} for fewer tokens)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -251,7 +273,8 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
     _require_decoder(model, "generate")
     sp = SamplingParams(temperature, top_k, top_p, seed)
     t0 = time.perf_counter()
-    inputs = model.preprocess(images, prompt, chat_template=chat_template, mm_processor_kwargs=mm_processor_kwargs)
+    inputs = model.preprocess(images, prompt, chat_template=chat_template, mm_processor_kwargs=mm_processor_kwargs,
+                              prompt_token_ids=prompt_token_ids)
     lengths = _lengths(inputs["input_ids"], inputs.get("attention_mask"))
     B = lengths.shape[0]
     limit = model.config.text.max_position_embeddings
@@ -273,25 +296,31 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop_ids=stops,
                            cache_len=model.buckets.cache_length(int(lengths.max()), max_new_tokens),
                            token_slots=slots, greedy=sp.greedy, to_host=to_host)
-    texts = [model.tokenizer.decode(r) for r in res.rows]
+    texts = None if model.tokenizer is None else [model.tokenizer.decode(r) for r in res.rows]
     steps = res.steps
     timings = {"preprocess_s": t1 - t0, "prefill_s": res.prefill_s, "decode_s": res.decode_s, "steps": steps,
                "decode_tok_s": (steps - 1) * B / res.decode_s if steps > 1 and res.decode_s > 0 else float("nan")}
-    single = isinstance(prompt, (str, bytes, bytearray))  # bytes: one UTF-8 prompt, as in preprocess
+    if prompt_token_ids is not None:
+        single = is_one_row(prompt_token_ids)
+    else:
+        single = isinstance(prompt, (str, bytes, bytearray))  # bytes: one UTF-8 prompt, as in preprocess
     prompt_tokens = [np.asarray(inputs["input_ids"])[r, : lengths[r]].tolist() for r in range(B)]
-    return GenerationOutput(texts[0] if single else texts, res.rows[0] if single else res.rows,
+    text = None if texts is None else texts[0] if single else texts
+    return GenerationOutput(text, res.rows[0] if single else res.rows,
                             prompt_tokens[0] if single else prompt_tokens, timings)
 
 
 def _stop_ids(model: Model, stop_token_ids) -> list[int]:
-    """EOS ids of the tokenizer + the caller's, checked (an out-of-range id would never match)."""
+    """EOS ids of the tokenizer (generation_config.json's without one) + the caller's, checked (an
+    out-of-range id would never match)."""
     vocab = getattr(model.config.text, "vocab_size", None)
     if stop_token_ids is not None and not isinstance(stop_token_ids, (list, tuple, set, frozenset)):
         raise InputError(f"stop_token_ids must be a list of token ids, got {type(stop_token_ids).__name__}")
     for t in stop_token_ids if stop_token_ids is not None else ():
         if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 or (vocab is not None and t >= vocab):
             raise InputError(f"stop_token_ids: {t!r} is not a token id in [0, {vocab})")
-    stops = sorted(set(model.tokenizer.eos_token_ids if model.processor is not None else ()) | set(stop_token_ids or ()))
+    eos = model.processor.eos_token_ids if model.processor is not None else ()
+    stops = sorted(set(eos) | set(stop_token_ids or ()))
     if len(stops) > MAX_STOP_IDS:
         raise InputError(f"stop_token_ids: at most {MAX_STOP_IDS} stop tokens, got {len(stops)}")
     return [int(t) for t in stops]

@@ -65,7 +65,7 @@ def register_component(kind: str, name: str, config_cls: type, module_cls: type,
     if kind not in KINDS:
         raise InputError(f"component kind {kind!r} is not one of {', '.join(KINDS)}")
     if not (isinstance(config_cls, type) and issubclass(config_cls, ConfigBase)
-            and dataclasses.is_dataclass(config_cls)):
+            and dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
         raise InputError(f"register_component({kind!r}, {name!r}): config class {config_cls!r} must be a frozen "
                          "dataclass subclassing mmjax.config.ConfigBase (it gives from_dict / to_dict)")
     comp = Component(kind, name, config_cls, module_cls, tuple(inputs), example)
@@ -92,11 +92,11 @@ def get_component(kind: str, name: str) -> Component:
 @dataclasses.dataclass(frozen=True)
 class MLPProjectorConfig(ConfigBase):
     """LLaVA's Linear -> act -> Linear (hidden width = out_features)."""
-    in_features: int  # Dv
-    out_features: int  # D
-    hidden_act: str = "gelu"
-    use_bias: bool = True
-    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
+    in_features: int  # Dv, the vision features' width
+    out_features: int  # D, the decoder width
+    hidden_act: str = "gelu"  # activation between the two Linears (mmjax.layers.activations names)
+    use_bias: bool = True  # biases on both Linears
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
 
     def num_tokens(self, num_features):
         return num_features
@@ -116,8 +116,8 @@ class MLPProjector(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class IdentityProjectorConfig(ConfigBase):
     """No projector: the vision tower already ends in the decoder width (Qwen2-VL's merger)."""
-    in_features: int
-    out_features: int
+    in_features: int  # Dv, the vision features' width (must equal out_features)
+    out_features: int  # D, the decoder width
 
     def __post_init__(self):
         if self.in_features != self.out_features:

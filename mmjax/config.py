@@ -13,12 +13,14 @@ __all__ = ["ConfigBase", "RopeConfig", "LlamaConfig", "ClipVisionConfig"]
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig(ConfigBase):
-    theta: float = 10000.0
+    """Rotary position embeddings: frequency base, context scaling, and the rotated fraction of a head."""
+
+    theta: float = 10000.0  # frequency base
     rope_type: str = "default"  # default | linear | llama3 (| mrope via LlamaConfig.mrope_section)
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    factor: float = 1.0  # context scaling factor (linear, llama3)
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / low_freq_factor are scaled
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # llama3: the context the model was trained at
     # fraction of the head dim that is rotated (GPT-NeoX partial rotary); 1.0 = all.
     partial_rotary_factor: float = 1.0
 
@@ -47,25 +49,25 @@ class RopeConfig(ConfigBase):
 class LlamaConfig(ConfigBase):
     """A Llama-style decoder: RMSNorm, RoPE, GQA, SwiGLU. Qwen2 is this with qkv_bias."""
 
-    vocab_size: int
-    hidden_size: int  # D
-    intermediate_size: int  # F
-    num_layers: int  # L
-    num_heads: int  # N
-    num_kv_heads: int  # K
-    head_dim: int  # H
-    rms_norm_eps: float = 1e-6
-    rope: RopeConfig = RopeConfig()
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
+    vocab_size: int  # V, token embeddings (and logits)
+    hidden_size: int  # D, the model width
+    intermediate_size: int  # F, SwiGLU hidden width
+    num_layers: int  # L, decoder blocks
+    num_heads: int  # N, query heads
+    num_kv_heads: int  # K, key/value heads (grouped-query attention)
+    head_dim: int  # H, per-head width
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    rope: RopeConfig = RopeConfig()  # rotary settings
+    max_position_embeddings: int = 4096  # the context length
+    tie_word_embeddings: bool = False  # logits from the embedding table (no lm_head)
+    qkv_bias: bool = False  # biases on q, k, v (Qwen2)
+    o_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False  # biases on gate, up, down
     # M-RoPE (Qwen2-VL): head-dim sections rotated by the t, h, w position axes.
     mrope_section: tuple[int, ...] | None = None
     # sliding-window attention (None = full causal).
     sliding_window: int | None = None
-    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
 
     @classmethod
     def from_hf(cls, t: dict, *, tie_word_embeddings: bool | None = None, **over) -> "LlamaConfig":
@@ -101,16 +103,16 @@ class LlamaConfig(ConfigBase):
 class ClipVisionConfig(ConfigBase):
     """CLIP ViT: conv patch stem, class token, learned positions, pre-LN blocks."""
 
-    hidden_size: int  # D
-    intermediate_size: int  # F
-    num_layers: int  # L
-    num_heads: int  # N
-    image_size: int
-    patch_size: int
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
-    kernels: KernelPolicy = KernelPolicy()
+    hidden_size: int  # D, the tower width
+    intermediate_size: int  # F, MLP hidden width
+    num_layers: int  # L, transformer blocks
+    num_heads: int  # N, attention heads
+    image_size: int  # input side in pixels (square images)
+    patch_size: int  # patch side in pixels
+    num_channels: int = 3  # C, input channels
+    layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm
+    hidden_act: str = "quick_gelu"  # MLP activation (mmjax.layers.activations names)
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
 
     @classmethod
     def from_hf(cls, v: dict) -> "ClipVisionConfig":

@@ -26,7 +26,8 @@ import torch
 from converters.rules import Rule, build_plan
 from converters.torch2flax import main as convert_cli
 from converters.transforms import (bias_to_heads, compose, conv_oihw_to_hwio, embedding, heads_to_linear_out,
-                                   identity, linear_to_heads, norm_scale, reshape, split_qkv, transpose_linear)
+                                   identity, linear_to_heads, norm_scale, permute_rotary_interleaved_to_half,
+                                   reshape, split_kv, split_qkv, transpose_linear)
 from mmjax.families.composed import composed_sharding
 from mmjax.models.composed import ComposedConfig, ComposedVLM
 from mmjax.preprocess.composed import check_composed_inputs
@@ -134,6 +135,8 @@ def test_tutorial_parity_report_is_clean(tutorial):
                  "decoder/layers_1", "logits"):
         assert want in names
     assert names[-1] == "logits" and len(names) > 40
+    sliced = tutorial["sliced"]  # positions=Q: torch's text-only token embedding is compared too
+    assert sliced.ok and not sliced.skipped and sliced["decoder/embed"].positions == "6:", sliced.table()
 
 
 def test_conversion_exercises_the_custom_transforms(tutorial, capsys):
@@ -331,6 +334,135 @@ def test_neox_decoder_learned_positions_match_hf_gpt2():
     assert np.abs(ours - ref).max() <= tol("float32", "logits")
 
 
+def _gptj_qk(x, shape, *, rotary_dim):
+    """GPT-J q_proj / k_proj [N*H, D], rotary pairs interleaved on the first rotary_dim dims of a
+    head -> [D, N, H] with those pairs half-split (the rest of the head does not rotate)."""
+    H = shape[-1]
+    perm = np.concatenate([permute_rotary_interleaved_to_half(np.arange(rotary_dim), head_dim=rotary_dim),
+                           np.arange(rotary_dim, H)])
+    return linear_to_heads(x.reshape((-1, H) + tuple(x.shape[1:]))[:, perm].reshape(x.shape), shape)
+
+
+def test_neox_shared_norm_matches_hf_gptj():
+    """GPT-J: one LayerNorm (ln_1) feeds attention and MLP of a parallel residual, interleaved
+    partial rotary, no attention biases, an lm_head with a bias."""
+    import functools
+
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = GPTJConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64,
+                        initializer_range=0.1)
+    hf = GPTJForCausalLM(hf_cfg).eval()
+    cfg = NeoXConfig.from_hf_gptj(hf_cfg.to_dict())
+    assert cfg.shared_norm and cfg.parallel_residual and cfg.rope.partial_rotary_factor == 0.5
+    L, T = "transformer.h.{i}", "layers_{i}"
+    qk = functools.partial(_gptj_qk, rotary_dim=hf_cfg.rotary_dim)
+    rules = [
+        Rule("transformer.wte.weight", "embed/embedding", embedding),
+        *_norm(f"{L}.ln_1", f"{T}/norm1"),  # the only norm of the block: there is no norm2
+        Rule(f"{L}.attn.q_proj.weight", f"{T}/attn/q/kernel", qk),
+        Rule(f"{L}.attn.k_proj.weight", f"{T}/attn/k/kernel", qk),
+        Rule(f"{L}.attn.v_proj.weight", f"{T}/attn/v/kernel", linear_to_heads),
+        Rule(f"{L}.attn.out_proj.weight", f"{T}/attn/o/kernel", heads_to_linear_out),
+        Rule(f"{L}.mlp.fc_in.weight", f"{T}/mlp/fc1/kernel", transpose_linear),
+        Rule(f"{L}.mlp.fc_in.bias", f"{T}/mlp/fc1/bias", identity),
+        Rule(f"{L}.mlp.fc_out.weight", f"{T}/mlp/fc2/kernel", transpose_linear),
+        Rule(f"{L}.mlp.fc_out.bias", f"{T}/mlp/fc2/bias", identity),
+        *_norm("transformer.ln_f", "final_norm"),
+        Rule("lm_head.weight", "lm_head/kernel", transpose_linear),
+        Rule("lm_head.bias", "lm_head/bias", identity),
+    ]
+    ids = np.random.default_rng(2).integers(0, 96, (2, 12)).astype(np.int32)
+    shapes = _decoder_logits(cfg, None, ids)
+    assert "norm2" not in shapes["layers_0"]
+    params = _port(hf, rules, shapes)
+    ours = _decoder_logits(cfg, params, ids)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids).long()).logits.numpy()
+    print(f"{type(hf).__name__} logits max |Δ| = {np.abs(ours - ref).max():.2e}")
+    assert np.abs(ours - ref).max() <= tol("float32", "logits")
+
+
+def test_neox_shared_norm_matches_hf_phi():
+    """Phi-2: one input_layernorm for both branches, half-split partial rotary, biases everywhere."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = PhiConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, partial_rotary_factor=0.5, max_position_embeddings=64,
+                       initializer_range=0.1)
+    hf = PhiForCausalLM(hf_cfg).eval()
+    cfg = NeoXConfig.from_hf_phi(hf_cfg.to_dict())
+    assert cfg.shared_norm and cfg.lm_head_bias
+    L, T = "model.layers.{i}", "layers_{i}"
+    rules = [
+        Rule("model.embed_tokens.weight", "embed/embedding", embedding),
+        *_norm(f"{L}.input_layernorm", f"{T}/norm1"),
+        *[Rule(f"{L}.self_attn.{p}_proj.weight", f"{T}/attn/{p}/kernel", linear_to_heads) for p in "qkv"],
+        *[Rule(f"{L}.self_attn.{p}_proj.bias", f"{T}/attn/{p}/bias", bias_to_heads) for p in "qkv"],
+        Rule(f"{L}.self_attn.dense.weight", f"{T}/attn/o/kernel", heads_to_linear_out),
+        Rule(f"{L}.self_attn.dense.bias", f"{T}/attn/o/bias", identity),
+        Rule(f"{L}.mlp.fc1.weight", f"{T}/mlp/fc1/kernel", transpose_linear),
+        Rule(f"{L}.mlp.fc1.bias", f"{T}/mlp/fc1/bias", identity),
+        Rule(f"{L}.mlp.fc2.weight", f"{T}/mlp/fc2/kernel", transpose_linear),
+        Rule(f"{L}.mlp.fc2.bias", f"{T}/mlp/fc2/bias", identity),
+        *_norm("model.final_layernorm", "final_norm"),
+        Rule("lm_head.weight", "lm_head/kernel", transpose_linear),
+        Rule("lm_head.bias", "lm_head/bias", identity),
+    ]
+    ids = np.random.default_rng(3).integers(0, 96, (2, 11)).astype(np.int32)
+    params = _port(hf, rules, _decoder_logits(cfg, None, ids))
+    ours = _decoder_logits(cfg, params, ids)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids).long()).logits.numpy()
+    print(f"{type(hf).__name__} logits max |Δ| = {np.abs(ours - ref).max():.2e}")
+    assert np.abs(ours - ref).max() <= tol("float32", "logits")
+
+
+def test_neox_shared_norm_needs_a_parallel_residual():
+    with pytest.raises(ValueError, match="shared_norm=True needs parallel_residual=True"):
+        NeoXConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                   parallel_residual=False, shared_norm=True)
+
+
+def test_resampler_without_feed_forward_matches_torch():
+    """Attention-only perceiver layers (tests/autoport_parts.LatentResampler: the latents carry the
+    residual, no feed-forward): intermediate_size=None, and the param tree has no norm_mlp / mlp."""
+    from mmjax.projectors.resampler import PerceiverResampler, ResamplerConfig
+    from tests.autoport_parts import LatentResampler, randomize
+
+    torch_module = randomize(LatentResampler(dim=32, latents=6, depth=2, heads=4, out=48))
+    cfg = ResamplerConfig(in_features=32, out_features=48, dim=32, num_queries=6, num_layers=2, num_heads=4,
+                          intermediate_size=None, o_bias=True)
+    module = PerceiverResampler(cfg)
+    media = np.random.default_rng(4).normal(size=(3, 10, 32)).astype(np.float32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), media))["params"]
+    assert set(shapes["layers_0"]) == {"norm_media", "norm_latents", "attn"}
+    L, T = "layers.{i}", "layers_{i}"
+    rules = [
+        Rule("latents", "latents", identity),
+        *_norm(f"{L}.norm_media", f"{T}/norm_media"),
+        *_norm(f"{L}.norm_latents", f"{T}/norm_latents"),
+        Rule(f"{L}.to_q.weight", f"{T}/attn/q/kernel", linear_to_heads),
+        Rule(f"{L}.to_kv.weight", (f"{T}/attn/k/kernel", f"{T}/attn/v/kernel"), compose(split_kv, linear_to_heads)),
+        Rule(f"{L}.to_out.weight", f"{T}/attn/o/kernel", heads_to_linear_out),
+        Rule(f"{L}.to_out.bias", f"{T}/attn/o/bias", identity),
+        *_norm("norm", "final_norm"),
+        Rule("proj.weight", "out_proj/kernel", transpose_linear),
+        Rule("proj.bias", "out_proj/bias", identity),
+    ]
+    params = _port(torch_module, rules, shapes)
+    ours = np.asarray(jax.jit(lambda p, x: module.apply({"params": p}, x))(params, media))
+    with torch.no_grad():
+        ref = torch_module(torch.from_numpy(media)).numpy()
+    print(f"attention-only resampler max |Δ| = {np.abs(ours - ref).max():.2e}")
+    assert ours.shape == (3, 6, 48)
+    assert np.abs(ours - ref).max() <= tol("float32", "hidden")
+    with pytest.raises(ValueError, match="gated_mlp=True needs a feed-forward"):
+        cfg.replace(gated_mlp=True)
+
+
 def test_vit_matches_hf_siglip_and_fused_qkv_is_the_same_network():
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -397,11 +529,22 @@ def test_register_component_needs_a_config_dataclass():
     from mmjax.components import register_component
     from mmjax.errors import InputError
 
+    from mmjax.config import ConfigBase
+
     class NotAConfig:
         pass
 
-    with pytest.raises(InputError, match="must be a frozen dataclass subclassing mmjax.config.ConfigBase"):
-        register_component("projector", "oops", NotAConfig, object)
+    @dataclasses.dataclass(frozen=True)
+    class PlainDataclass:  # a config without ConfigBase used to fail later, at from_dict (AttributeError)
+        in_features: int
+
+    @dataclasses.dataclass
+    class NotFrozen(ConfigBase):  # unhashable: it could not be a static argument of jit
+        in_features: int
+
+    for cls in (NotAConfig, PlainDataclass, NotFrozen):
+        with pytest.raises(InputError, match="must be a frozen dataclass subclassing mmjax.config.ConfigBase"):
+            register_component("projector", "oops", cls, object)
 
 
 def test_serving_engine_answers_as_generate_alone(tutorial):

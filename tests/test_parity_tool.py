@@ -13,7 +13,7 @@ from mmjax.errors import InputError
 from converters.parity import _align, compare, default_points
 from tests.custom_vlm.checkpoint import save_acme_checkpoint
 from tests.custom_vlm.rules import RULES
-from tests.custom_vlm.torch_model import build_acme
+from tests.custom_vlm.torch_model import AcmeVLM, build_acme
 
 FAMILY = "tests.custom_vlm.port:FAMILY"
 QKV = "lm.{i}.attn.c_attn.weight"
@@ -103,6 +103,34 @@ def test_user_points_and_sown_values(acme):
     assert report.ok
     with pytest.raises(InputError, match=r"torch model has no module\(s\) \['lm.9'\]"):
         compare(torch_model, torch_inputs, model, inputs, points={"decoder/layers_1": "lm.9"}, verbose=False)
+
+
+class TextOnlyAcme(AcmeVLM):
+    """AcmeVLM returning the logits of the text positions only (many research models do)."""
+
+    def forward(self, pixels, text_ids):
+        logits = super().forward(pixels, text_ids)
+        return logits[:, logits.shape[1] - text_ids.shape[1]:]
+
+
+def test_positions_compare_a_model_that_returns_text_positions_only(acme):
+    _, _, torch_model, model, inputs, torch_inputs = acme
+    text_only = TextOnlyAcme().eval()
+    text_only.load_state_dict(torch_model.state_dict())
+    q = model.config.image_seq_length
+    before = compare(text_only, torch_inputs, model, inputs, verbose=False)
+    assert {n for n, _, _ in before.skipped} == {"logits", "decoder/embed"}
+    for positions in (slice(q, None), q):
+        report = compare(text_only, torch_inputs, model, inputs, positions=positions, verbose=False)
+        assert report.ok and not report.skipped, report.table()
+        assert report["logits"].positions == report["decoder/embed"].positions == f"{q}:"
+        assert report["decoder/layers_1"].positions == ""  # same length on both sides: not sliced
+        assert report["logits"].shape == tuple(torch_inputs["text_ids"].shape) + (model.config.decoder.vocab_size,)
+    assert f"logits[:, {q}:]" in report.table()
+    wrong = compare(text_only, torch_inputs, model, inputs, positions=slice(0, 2), verbose=False)
+    assert "nor do mmjax positions [0:2]" in dict(((n, w) for n, _, w in wrong.skipped))["logits"]
+    with pytest.raises(InputError, match="positions must be a slice"):
+        compare(text_only, torch_inputs, model, inputs, positions=[q], verbose=False)
 
 
 def test_default_points_pair_modules_by_their_tensors(acme):

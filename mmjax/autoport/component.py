@@ -85,12 +85,12 @@ def _need(cfg, kind: str, names) -> None:
 class AutoportVisionConfig(ConfigBase):
     """A ported vision tower: pixel_values [I, C, S, S] -> features [I, P, Dv]."""
     path: str | None = None  # a folder written by Ported.save
-    image_size: int | None = None  # S; from the port when its input size is fixed
-    num_channels: int | None = None  # C
-    width: int | None = None  # Dv
-    num_features: int | None = None  # P
-    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
-    graph: dict | None = _graph_field()
+    image_size: int | None = None  # S, input side in pixels; from the port when its input size is fixed
+    num_channels: int | None = None  # C, input channels; from the port
+    width: int | None = None  # Dv, the features' width; from the port
+    num_features: int | None = None  # P, features per image; from the port
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
+    graph: dict | None = _graph_field()  # the port's graph JSON, read from path (kept with a converted model)
 
     def __post_init__(self):
         graph = _init_port(self, "vision")
@@ -116,12 +116,12 @@ class AutoportVisionConfig(ConfigBase):
 @dataclasses.dataclass(frozen=True)
 class AutoportProjectorConfig(ConfigBase):
     """A ported projector: features [I, P, Dv] -> [I, Q, D]."""
-    in_features: int  # Dv
-    out_features: int  # D
-    path: str | None = None
+    in_features: int  # Dv, the vision features' width
+    out_features: int  # D, the decoder width
+    path: str | None = None  # a folder written by Ported.save
     num_queries: int | None = None  # Q when it does not follow P (a resampler); needed without a port
-    kernels: KernelPolicy = KernelPolicy()
-    graph: dict | None = _graph_field()
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
+    graph: dict | None = _graph_field()  # the port's graph JSON, read from path (kept with a converted model)
 
     def __post_init__(self):
         graph = _init_port(self, "projector")

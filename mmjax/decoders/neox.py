@@ -5,13 +5,15 @@ Axis legend: B batch, T tokens, S cache length, D model dim, F MLP hidden, V voc
 N query heads, K kv heads, H head dim, M max positions.
 
   sequential (GPT-2):          x = x + attn(norm1(x));  x = x + mlp(norm2(x))
-  parallel (GPT-NeoX, GPT-J):  x = x + attn(norm1(x)) + mlp(norm2(x))
+  parallel (GPT-NeoX):         x = x + attn(norm1(x)) + mlp(norm2(x))
+  parallel, shared_norm (GPT-J, Phi-2, Falcon-7B):  x = x + attn(norm1(x)) + mlp(norm1(x))
 
 Rotary pairs are half-split (HF rotate_half); checkpoints with interleaved pairs (GPT-J, Meta)
 are ported by permuting the q/k rows in the converter (permute_rotary_interleaved_to_half).
 
 Param tree: embed/embedding [V, D]; pos_embed/embedding [M, D] (learned only);
-layers_{i}/{norm1, attn/{q,k,v [D, N|K, H], o [N, H, D]}, norm2, mlp/{fc1, fc2}};
+layers_{i}/{norm1, attn/{q,k,v [D, N|K, H], o [N, H, D]}, norm2 (absent with shared_norm),
+mlp/{fc1, fc2}};
 final_norm/{scale, bias}; lm_head/{kernel [D, V], bias [V]} (absent when tied).
 """
 from __future__ import annotations
@@ -35,30 +37,34 @@ __all__ = ["NeoXConfig", "NeoXBlock", "NeoXDecoder"]
 
 @dataclasses.dataclass(frozen=True)
 class NeoXConfig(ConfigBase):
-    vocab_size: int  # V
-    hidden_size: int  # D
-    intermediate_size: int  # F
-    num_layers: int  # L
-    num_heads: int  # N
-    num_kv_heads: int | None = None  # K; default N
-    head_dim: int | None = None  # H; default D // N
-    position: str = "rotary"  # rotary | learned
-    rope: RopeConfig = RopeConfig()  # rope.partial_rotary_factor: the rotated fraction of H
-    max_position_embeddings: int = 2048  # M (the learned table's size)
-    parallel_residual: bool = True
-    norm: str = "layernorm"
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "gelu"
-    qkv_bias: bool = True
-    o_bias: bool = True
-    mlp_bias: bool = True
-    tie_word_embeddings: bool = False
-    lm_head_bias: bool = False
-    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
+    vocab_size: int  # V, token embeddings (and logits)
+    hidden_size: int  # D, the model width
+    intermediate_size: int  # F, MLP hidden width
+    num_layers: int  # L, decoder blocks
+    num_heads: int  # N, query heads
+    num_kv_heads: int | None = None  # K, key/value heads (grouped-query attention); default N
+    head_dim: int | None = None  # H, per-head width; default D // N
+    position: str = "rotary"  # rotary | learned (a [M, D] table added to the input, GPT-2)
+    rope: RopeConfig = RopeConfig()  # rotary settings; rope.partial_rotary_factor: the rotated fraction of H
+    max_position_embeddings: int = 2048  # M, the context length (and the learned table's size)
+    parallel_residual: bool = True  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX); False: sequential (GPT-2)
+    shared_norm: bool = False  # one norm feeds both parallel branches (GPT-J, Phi-2, Falcon-7B); no norm2
+    norm: str = "layernorm"  # layernorm | layernorm_nobias | rmsnorm
+    layer_norm_eps: float = 1e-5  # epsilon of every norm
+    hidden_act: str = "gelu"  # MLP activation (mmjax.layers.activations names, e.g. gelu_new for GPT-2/GPT-J)
+    qkv_bias: bool = True  # biases on q, k, v
+    o_bias: bool = True  # bias on the attention output projection
+    mlp_bias: bool = True  # biases on fc1, fc2
+    tie_word_embeddings: bool = False  # logits from the embedding table (no lm_head)
+    lm_head_bias: bool = False  # bias on lm_head (GPT-J, Phi-2)
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
 
     def __post_init__(self):
         if self.position not in ("rotary", "learned"):
             raise ValueError(f"NeoXConfig.position {self.position!r} is not 'rotary' or 'learned'")
+        if self.shared_norm and not self.parallel_residual:
+            raise ValueError("NeoXConfig: shared_norm=True needs parallel_residual=True (a sequential block "
+                             "normalises the attention's output for the MLP)")
         if self.tie_word_embeddings and self.lm_head_bias:
             raise ValueError("NeoXConfig: a tied head has no bias (lm_head_bias=True needs tie_word_embeddings=False)")
 
@@ -99,6 +105,38 @@ class NeoXConfig(ConfigBase):
         return cls(**kw)
 
 
+    @classmethod
+    def from_hf_gptj(cls, t: dict, **over) -> "NeoXConfig":
+        """From a transformers GPTJConfig dict (model_type "gptj"). Its rotary pairs are interleaved:
+        the converter permutes q/k (permute_rotary_interleaved_to_half on the first rotary_dim rows)."""
+        D, N = t["n_embd"], t["n_head"]
+        rotary_dim = t.get("rotary_dim") or D // N
+        kw = dict(vocab_size=t["vocab_size"], hidden_size=D, intermediate_size=t.get("n_inner") or 4 * D,
+                  num_layers=t["n_layer"], num_heads=N, position="rotary",
+                  rope=RopeConfig(partial_rotary_factor=rotary_dim / (D // N)),
+                  max_position_embeddings=t.get("n_positions", 2048), parallel_residual=True, shared_norm=True,
+                  layer_norm_eps=t.get("layer_norm_epsilon", 1e-5),
+                  hidden_act=t.get("activation_function", "gelu_new"), qkv_bias=False, o_bias=False,
+                  tie_word_embeddings=bool(t.get("tie_word_embeddings", False)), lm_head_bias=True)
+        kw.update(over)
+        return cls(**kw)
+
+    @classmethod
+    def from_hf_phi(cls, t: dict, **over) -> "NeoXConfig":
+        """From a transformers PhiConfig dict (model_type "phi", Phi-1/1.5/2)."""
+        if t.get("qk_layernorm"):
+            raise ValueError("phi: qk_layernorm=True (a norm on q and k) has no NeoXConfig field")
+        kw = dict(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                  num_layers=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
+                  num_kv_heads=t.get("num_key_value_heads"), position="rotary", rope=RopeConfig.from_hf(t),
+                  max_position_embeddings=t.get("max_position_embeddings", 2048), parallel_residual=True,
+                  shared_norm=True, layer_norm_eps=t.get("layer_norm_eps", 1e-5),
+                  hidden_act=t.get("hidden_act", "gelu_new"), tie_word_embeddings=bool(t.get("tie_word_embeddings")),
+                  lm_head_bias=True)
+        kw.update(over)
+        return cls(**kw)
+
+
 class NeoXBlock(nn.Module):
     cfg: NeoXConfig
     dtype: jnp.dtype = jnp.float32
@@ -107,7 +145,7 @@ class NeoXBlock(nn.Module):
     def __call__(self, x, mask, rope=None, cache=None, write_index=None):  # x [B, T, D]
         c = self.cfg
         norm1 = make_norm(c.norm, c.layer_norm_eps, self.dtype, name="norm1")
-        norm2 = make_norm(c.norm, c.layer_norm_eps, self.dtype, name="norm2")
+        norm2 = norm1 if c.shared_norm else make_norm(c.norm, c.layer_norm_eps, self.dtype, name="norm2")
         attn = Attention(c.hidden_size, c.num_heads, c.kv_heads, c.dim_per_head, c.qkv_bias, c.o_bias,
                          c.kernels, self.dtype, name="attn")
         mlp = MLP(c.hidden_size, c.intermediate_size, c.hidden_act, c.mlp_bias, None, self.dtype, c.kernels,

@@ -49,14 +49,14 @@ FUSIONS = ("prefix", "tokens")
 
 @dataclasses.dataclass(frozen=True)
 class ComposedConfig(ConfigBase):
-    vision_type: str
+    vision_type: str  # the vision component's registered name
     vision: Any  # the vision component's config
-    projector_type: str
-    projector: Any
-    decoder_type: str
-    decoder: Any
-    fusion: str = "prefix"  # prefix | tokens
-    image_token_id: int = 0
+    projector_type: str  # the projector's registered name
+    projector: Any  # the projector's config
+    decoder_type: str  # the decoder's registered name
+    decoder: Any  # the decoder's config
+    fusion: str = "prefix"  # prefix: image b fills row b's first Q positions | tokens: features replace image tokens
+    image_token_id: int = 0  # the id that marks image positions in input_ids
     prefix_attention: str = "causal"  # causal | bidirectional (prefix-LM; fusion "prefix" only)
     # int8 weights: which kernels, as data (mmjax/quantization.py); None = every kernel in the model dtype
     quant: QuantConfig | None = None

@@ -70,10 +70,14 @@ class ComposedProcessor(VLMProcessor):
     def __init__(self, folder, cfg, tokenizer=None):
         super().__init__(folder, tokenizer, CLIPImageProcessor.from_folder(folder))
         self.config = cfg
-        tok_id = self.tokenizer.token_to_id(self.image_token)
+        tok_id = None if self.tokenizer is None else self.tokenizer.token_to_id(self.image_token)
         if tok_id is not None and tok_id != cfg.image_token_id:
             raise InputError(f"{folder}: tokenizer maps {self.image_token} to {tok_id}, config says "
                              f"image_token_id={cfg.image_token_id}")
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id  # the tokenizer's, when it has one (checked above)
 
     def image_inputs(self, images, **mm_kwargs):
         return {"pixel_values": self.image_processor(images)}, [self.config.image_seq_length] * len(images)

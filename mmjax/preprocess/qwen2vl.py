@@ -43,6 +43,8 @@ class Qwen2VLProcessor(VLMProcessor):
 
     def __init__(self, folder, config, tokenizer=None, image_processor=None):
         super().__init__(folder, tokenizer, image_processor or Qwen2VLImageProcessor.from_folder(folder))
+        if self.tokenizer is None:
+            raise LoadError(f"{self.folder}: no tokenizer files; Qwen2-VL's processor needs tokenizer.json")
         self.config = config
         ip, v = self.image_processor, config.vision
         for name, got, want in (("patch_size", ip.patch_size, v.patch_size),
@@ -56,6 +58,11 @@ class Qwen2VLProcessor(VLMProcessor):
             if got != want:
                 raise LoadError(f"{self.folder}: tokenizer maps {token} to {got}, config says {want}")
 
+    @property
+    def image_marker_ids(self) -> list[int]:  # <|vision_start|><|image_pad|><|vision_end|>
+        c = self.config
+        return [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id]
+
     def image_inputs(self, images: list[Any], **mm_kwargs):
         ip = self.image_processor
         if mm_kwargs:
@@ -68,8 +75,10 @@ class Qwen2VLProcessor(VLMProcessor):
         px, grid = ip(images)
         return {"pixel_values": px, "image_grid_thw": grid}, [int(n) for n in self.config.image_tokens(grid)]
 
-    def __call__(self, images=None, prompt="", *, chat_template=None, mm_processor_kwargs=None) -> dict:
-        out = super().__call__(images, prompt, chat_template=chat_template, mm_processor_kwargs=mm_processor_kwargs)
+    def __call__(self, images=None, prompt="", *, chat_template=None, mm_processor_kwargs=None,
+                 prompt_token_ids=None) -> dict:
+        out = super().__call__(images, prompt, chat_template=chat_template, mm_processor_kwargs=mm_processor_kwargs,
+                               prompt_token_ids=prompt_token_ids)
         out["mm_token_type_ids"] = (out["input_ids"] == self.config.image_token_id).astype(np.int32)
         return out
 

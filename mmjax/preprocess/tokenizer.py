@@ -54,7 +54,14 @@ def _as_added_token(value: Any, special: bool) -> AddedToken:
     return AddedToken(value, special=special, normalized=False)
 
 
-def _eos_ids_from_generation_config(folder: Path) -> list[int]:
+# What a folder holds when it ships a tokenizer (a model with its own tokenization holds none of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def generation_eos_ids(folder: str | os.PathLike) -> list[int]:
+    """eos_token_id of the folder's generation_config.json (an int or a list), [] without one."""
+    folder = Path(folder)
     path = folder / "generation_config.json"
     if not path.is_file():
         return []
@@ -88,6 +95,15 @@ class Tokenizer:
         if (eos := self.eos_token_id) is not None:
             ids.append(eos)
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(ids))  # ordered, deduplicated
+
+    @classmethod
+    def from_folder_if_any(cls, folder: str | os.PathLike) -> Tokenizer | None:
+        """The folder's tokenizer, or None when it has no tokenizer files at all (a model that
+        tokenizes by its own code: its prompts are token ids). A partial set (say tokenizer.model
+        without tokenizer.json) is still an error, as in from_folder."""
+        if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        return cls.from_folder(folder)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> Tokenizer:
@@ -146,7 +162,7 @@ class Tokenizer:
             backend,
             special_tokens=named,
             extra_special_tokens=extra_contents,
-            eos_token_ids=_eos_ids_from_generation_config(folder),
+            eos_token_ids=generation_eos_ids(folder),
             chat_template=find_chat_template(folder),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False))
             and (

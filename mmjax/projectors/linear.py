@@ -19,10 +19,10 @@ __all__ = ["LinearProjectorConfig", "LinearProjector"]
 
 @dataclasses.dataclass(frozen=True)
 class LinearProjectorConfig(ConfigBase):
-    in_features: int  # Dv
-    out_features: int  # D
-    use_bias: bool = True
-    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
+    in_features: int  # Dv, the vision features' width
+    out_features: int  # D, the decoder width
+    use_bias: bool = True  # bias on the projection
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
 
     def num_tokens(self, num_features: int) -> int:
         return num_features

@@ -31,15 +31,15 @@ __all__ = ["PixelShuffleConfig", "PixelShuffleProjector", "pixel_shuffle"]
 
 @dataclasses.dataclass(frozen=True)
 class PixelShuffleConfig(ConfigBase):
-    in_features: int  # E
-    out_features: int  # D
-    scale: int = 2  # r
-    hidden_size: int | None = None  # F; None = a single linear map
-    hidden_act: str = "gelu"
+    in_features: int  # E, the vision features' width
+    out_features: int  # D, the decoder width
+    scale: int = 2  # r, each r x r block of patches folds into one token of width r*r*E
+    hidden_size: int | None = None  # F, MLP hidden width; None = a single linear map
+    hidden_act: str = "gelu"  # MLP activation (mmjax.layers.activations names)
     norm: str | None = None  # e.g. "layernorm" on the folded tokens (InternVL)
-    norm_eps: float = 1e-5
-    use_bias: bool = True
-    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
+    norm_eps: float = 1e-5  # epsilon of the norm
+    use_bias: bool = True  # biases on the Linears
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
 
     @property
     def folded_features(self) -> int:

@@ -5,10 +5,12 @@ Axis legend: B images, P vision tokens, Q queries (latents), R resampler width, 
 (E in einsums), D decoder dim, N heads, H head dim, F MLP hidden.
 
 Each layer: latents += attn(q = norm_latents(latents), kv = [norm_media(x); norm_latents(latents)])
-then latents += mlp(norm_mlp(latents)). With kv_includes_latents=False (BLIP-2 style) the keys
+then latents += mlp(norm_mlp(latents)); with intermediate_size=None the layer stops after the
+attention (no feed-forward, no norm_mlp). With kv_includes_latents=False (BLIP-2 style) the keys
 are the media tokens only. Param tree: latents [Q, R]; in_proj (optional) [Dv, R];
 layers_{i}/{norm_media, norm_latents, attn/{q,k,v [R, N, H], o [N, H, R]}, norm_mlp,
-mlp/{fc1, fc2} | mlp/{gate, up, down}}; final_norm; out_proj (optional) [R, D].
+mlp/{fc1, fc2} | mlp/{gate, up, down} (both absent without a feed-forward)}; final_norm;
+out_proj (optional) [R, D].
 """
 from __future__ import annotations
 
@@ -29,30 +31,32 @@ __all__ = ["ResamplerConfig", "PerceiverResampler"]
 
 @dataclasses.dataclass(frozen=True)
 class ResamplerConfig(ConfigBase):
-    in_features: int  # Dv
-    out_features: int  # D
-    dim: int  # R
-    num_queries: int  # Q
-    num_layers: int
-    num_heads: int  # N
-    intermediate_size: int  # F
-    head_dim: int | None = None  # H; default R // N
-    hidden_act: str = "gelu"
+    in_features: int  # Dv, the vision features' width
+    out_features: int  # D, the decoder width
+    dim: int  # R, the latents' width
+    num_queries: int  # Q, learned latents = output tokens per image
+    num_layers: int  # cross-attention layers
+    num_heads: int  # N, attention heads
+    intermediate_size: int | None  # F, feed-forward hidden width; None: layers without a feed-forward
+    head_dim: int | None = None  # H, per-head width; default R // N
+    hidden_act: str = "gelu"  # feed-forward activation (mmjax.layers.activations names)
     gated_mlp: bool = False  # SwiGLU-style gate/up/down instead of fc1/fc2
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    kv_includes_latents: bool = True
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
+    norm: str = "layernorm"  # layernorm | layernorm_nobias | rmsnorm
+    norm_eps: float = 1e-5  # epsilon of every norm
+    kv_includes_latents: bool = True  # keys/values are [media; latents] (Flamingo); False: media only (BLIP-2)
+    qkv_bias: bool = False  # biases on q, k, v
+    o_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False  # biases in the feed-forward
     in_proj: bool = False  # project Dv -> R first (needed when Dv != R)
-    in_proj_bias: bool = True
-    final_norm: bool = True
+    in_proj_bias: bool = True  # bias on in_proj
+    final_norm: bool = True  # norm after the last layer
     out_proj: bool = True  # project R -> D last (needed when R != D)
-    out_proj_bias: bool = True
-    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
+    out_proj_bias: bool = True  # bias on out_proj
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
 
     def __post_init__(self):
+        if self.gated_mlp and self.intermediate_size is None:
+            raise ValueError("ResamplerConfig: gated_mlp=True needs a feed-forward (intermediate_size is None)")
         if not self.in_proj and self.in_features != self.dim:
             raise ValueError(f"ResamplerConfig: in_features {self.in_features} != dim {self.dim} needs in_proj=True")
         if not self.out_proj and self.out_features != self.dim:
@@ -95,6 +99,8 @@ class ResamplerLayer(nn.Module):
         lat = make_norm(c.norm, c.norm_eps, self.dtype, name="norm_latents")(latents)
         kv_in = jnp.concatenate([m, lat], axis=1) if c.kv_includes_latents else m  # [B, S, R]
         latents = latents + CrossAttention(c, self.dtype, name="attn")(lat, kv_in)
+        if c.intermediate_size is None:  # attention-only layers: the latents carry the residual alone
+            return latents
         h = make_norm(c.norm, c.norm_eps, self.dtype, name="norm_mlp")(latents)
         if c.gated_mlp:
             h = GatedMLP(c.dim, c.intermediate_size, c.hidden_act, c.mlp_bias, self.dtype, c.kernels, name="mlp")(h)

@@ -21,7 +21,7 @@ __all__ = ["ClipTowerConfig", "ClipTower"]
 
 @dataclasses.dataclass(frozen=True)
 class ClipTowerConfig(ConfigBase):
-    tower: ClipVisionConfig
+    tower: ClipVisionConfig  # the CLIP vision transformer itself
     feature_layers: tuple[int, ...] = (-2,)  # hidden-state indices (0 = after the pre-norm), HF's vision_feature_layer
     select_strategy: str = "default"  # default: drop the class token; full: keep it
 

@@ -58,23 +58,23 @@ VISION_KEYS = ("vision_positions", "vision_segments", "window_segments", "window
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLVisionConfig(ConfigBase):
-    hidden_size: int  # D
-    intermediate_size: int  # F
-    num_layers: int
-    num_heads: int  # N
+    hidden_size: int  # D, the tower width
+    intermediate_size: int  # F, MLP hidden width
+    num_layers: int  # transformer blocks
+    num_heads: int  # N, attention heads
     out_hidden_size: int  # O, the decoder width
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2  # m
-    in_channels: int = 3
-    hidden_act: str = "quick_gelu"
+    patch_size: int = 14  # patch side in pixels
+    temporal_patch_size: int = 2  # frames per patch (an image is repeated to fill them)
+    spatial_merge_size: int = 2  # m, the merger folds m x m patches into one decoder token
+    in_channels: int = 3  # C, input channels
+    hidden_act: str = "quick_gelu"  # MLP activation (mmjax.layers.activations names)
     norm: str = "layernorm"  # layernorm (Qwen2-VL) | rmsnorm (Qwen2.5-VL)
     gated_mlp: bool = False  # SwiGLU blocks (Qwen2.5-VL)
     window_size: int | None = None  # pixels; None = every block attends within its image
-    fullatt_block_indexes: tuple[int, ...] = ()
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
+    fullatt_block_indexes: tuple[int, ...] = ()  # blocks that attend within the whole image despite window_size
+    rope_theta: float = 10000.0  # frequency base of the 2-D rotary positions
+    norm_eps: float = 1e-6  # epsilon of every norm
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
 
     @classmethod
     def from_hf_qwen2_vl(cls, v: dict, out_hidden_size: int) -> "Qwen2VLVisionConfig":

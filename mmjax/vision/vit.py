@@ -35,28 +35,28 @@ POSITIONS = ("learned", "sincos2d", "none")
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig(ConfigBase):
-    hidden_size: int  # D
-    intermediate_size: int  # F
-    num_layers: int  # L
-    num_heads: int  # N
-    image_size: int
-    patch_size: int
-    num_channels: int = 3  # C
-    class_token: bool = False
+    hidden_size: int  # D, the tower width (its features' width)
+    intermediate_size: int  # F, MLP hidden width
+    num_layers: int  # L, transformer blocks
+    num_heads: int  # N, attention heads
+    image_size: int  # input side in pixels (square images)
+    patch_size: int  # patch side in pixels (the conv stem's kernel and stride)
+    num_channels: int = 3  # C, input channels
+    class_token: bool = False  # prepend a learned class token
     position: str = "learned"  # learned | sincos2d | none
-    sincos_temperature: float = 10000.0
+    sincos_temperature: float = 10000.0  # frequency base of position="sincos2d"
     pre_norm: bool = False  # norm right after the embeddings (CLIP's pre_layrnorm)
     final_norm: bool = True  # norm after the last block (SigLIP's post_layernorm)
     norm: str = "layernorm"  # layernorm | layernorm_nobias | rmsnorm
-    norm_eps: float = 1e-6
-    hidden_act: str = "gelu"  # names of mmjax.layers.activations
+    norm_eps: float = 1e-6  # epsilon of every norm
+    hidden_act: str = "gelu"  # MLP activation (mmjax.layers.activations names)
     fused_qkv: bool = False  # one [D, 3, N, H] kernel; False: q, k, v kernels [D, N, H]
-    patch_bias: bool = True
-    qkv_bias: bool = True
-    o_bias: bool = True
-    mlp_bias: bool = True
+    patch_bias: bool = True  # bias on the patch conv
+    qkv_bias: bool = True  # biases on q, k, v
+    o_bias: bool = True  # bias on the attention output projection
+    mlp_bias: bool = True  # biases on fc1, fc2
     output_class_token: bool = False  # keep the class token in the output features
-    kernels: KernelPolicy = KernelPolicy()  # mmjax/kernels/policy.py
+    kernels: KernelPolicy = KernelPolicy()  # kernel choice per platform (docs/kernels.md, "Kernel policy")
 
     def __post_init__(self):
         if self.position not in POSITIONS:
