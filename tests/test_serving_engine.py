@@ -90,9 +90,12 @@ def test_queue_full_is_engine_full(model):
 def test_prompt_token_ids_and_generate_agree(model):
     ids = model.preprocess(None, "hello there")["input_ids"][0].tolist()
     eng = ServingEngine(model, max_num_seqs=2)
-    out = eng.generate([eng.make_request(prompt_token_ids=ids, max_new_tokens=6)])[0]
+    out, with_image = eng.generate([eng.make_request(prompt_token_ids=ids, max_new_tokens=6),
+                                    eng.make_request([IMAGES[1]], prompt_token_ids=ids, max_new_tokens=6)])
     assert out.token_ids == alone(model, {"images": None, "prompt": "hello there", "max_new_tokens": 6})
     assert out.num_prompt_tokens == len(ids)
+    want = mmjax.generate(model, [IMAGES[1]], prompt_token_ids=ids, max_new_tokens=6).token_ids
+    assert with_image.token_ids == want and with_image.num_prompt_tokens > len(ids)
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -102,7 +105,8 @@ def test_prompt_token_ids_and_generate_agree(model):
     ({"prompt": "hi", "top_p": 0.0}, "top_p"),
     ({"prompt": "hi", "stop_token_ids": [10**6]}, "stop_token_ids"),
     ({"prompt_token_ids": [], "max_new_tokens": 2}, "prompt_token_ids"),
-    ({"prompt_token_ids": [1, 2], "images": [IMAGES[0]]}, "prompt_token_ids"),
+    ({"prompt_token_ids": [1, 2], "prompt": "hi"}, "prompt_token_ids"),
+    ({"prompt_token_ids": [[1, 2]]}, "prompt_token_ids"),
     ({"prompt": 5}, "prompt"),
 ])
 def test_bad_requests_name_the_field(model, kw, field):

@@ -173,25 +173,25 @@ class ServingEngine:
                 or not 0 <= min_new_tokens <= (max_new_tokens or self.max_model_len):
             raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens], got {min_new_tokens!r}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
-        if prompt_token_ids is not None:
-            if images:
-                raise InputError("prompt_token_ids: images need a text prompt (their tokens are expanded by the "
-                                 "processor)")
-            vocab = self.model.config.text.vocab_size
-            ids = list(prompt_token_ids)
-            if not ids or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab
-                              for t in ids):
-                raise InputError(f"prompt_token_ids: a non-empty list of token ids in [0, {vocab}) is needed")
-            mm = {}
+        if prompt_token_ids is not None:  # a model's own tokenization; images at its image token ids
+            if isinstance(prompt_token_ids, (list, tuple)) and prompt_token_ids and \
+                    isinstance(prompt_token_ids[0], (list, tuple)):
+                raise InputError("prompt_token_ids: one request takes one list of token ids")
+            if prompt not in ("", None):
+                raise InputError("prompt_token_ids: give a text prompt or prompt_token_ids, not both")
+            if not images and (not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids):
+                raise InputError("prompt_token_ids: a non-empty list of token ids is needed")
+            inputs = self.model.preprocess(images, prompt_token_ids=list(prompt_token_ids),
+                                           mm_processor_kwargs=mm_processor_kwargs)
         else:
             if not isinstance(prompt, str):
                 raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
             inputs = self.model.preprocess(images, prompt, chat_template=chat_template,
                                            mm_processor_kwargs=mm_processor_kwargs)
-            n = int(_lengths(inputs["input_ids"], inputs.get("attention_mask"))[0])
-            ids = np.asarray(inputs["input_ids"])[0, :n].tolist()
-            mm = {k: np.asarray(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")
-                  and v is not None}
+        n = int(_lengths(inputs["input_ids"], inputs.get("attention_mask"))[0])
+        ids = np.asarray(inputs["input_ids"])[0, :n].tolist()
+        mm = {k: np.asarray(v) for k, v in inputs.items() if k not in ("input_ids", "attention_mask")
+              and v is not None}
         if max_new_tokens is None:
             if len(ids) >= self.max_model_len:
                 raise InputError(f"prompt: {len(ids)} tokens leave no room in max_model_len={self.max_model_len}")
