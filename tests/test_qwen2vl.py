@@ -242,7 +242,7 @@ def test_serving_engine_answers_as_generate_alone(ckpts, variant):
     from serving_cases import assert_served_like_alone, mixed_cases
 
     model = ckpts[variant][0]
-    cases = mixed_cases(list(IMAGES.values()), [PROMPT, "Hi.", "What is it?"], n=32 if variant == "qwen2_vl" else 12,
+    cases = mixed_cases(list(IMAGES.values()), [PROMPT, "Hi.", "What is it?"], n=32 if variant == "qwen2_vl" else 6,
                         max_new=(2, 12))
     eng = ServingEngine(model, max_num_seqs=8, page_size=8)
     assert_served_like_alone(model, eng, cases)

@@ -37,7 +37,7 @@ def test_a_small_pool_preempts_and_recomputes_without_changing_answers(model):
     """14 pages of 8 tokens hold about two of these requests: the rest wait, running ones are
     preempted when they need a page, and are recomputed later."""
     eng = ServingEngine(model, max_num_seqs=8, page_size=8, num_pages=14)
-    assert_served_like_alone(model, eng, mixed_cases(IMAGES, PROMPTS, n=10, seed=1, max_new=(12, 30)))
+    assert_served_like_alone(model, eng, mixed_cases(IMAGES, PROMPTS, n=6, seed=1, max_new=(12, 17)))
     assert eng.preemptions > 0
 
 
