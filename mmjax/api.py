@@ -23,6 +23,7 @@ from mmjax.jsonfile import read_json
 from mmjax.kernels.kv_cache import check_kv_cache_dtype
 from mmjax.kernels.policy import KernelPolicy, with_kernels
 from mmjax.models.base import param_shapes
+from mmjax.preprocess.buffers import release_aliased, to_device
 from mmjax.preprocess.processor import is_one_row
 from mmjax.sharding import encoder_input_sharding, make_mesh, param_shardings, shard_batch, state_shardings, to_host
 from mmjax.tree import flatten_params
@@ -246,7 +247,8 @@ def _bucketed_batch(model: Model, inputs: dict, lengths: np.ndarray) -> dict:
     batch = {"input_ids": ids}
     if model.family.prepare is not None:
         batch.update(model.family.prepare(model.config, inputs, bk, Bb, Tb))
-    return {k: jnp.asarray(v, model.dtype if k == "pixel_values" else None) for k, v in batch.items()}
+    # the prepare step's padded pixels are aligned: on CPU the device array is that buffer (no copy)
+    return {k: to_device(v, model.dtype if k == "pixel_values" else None) for k, v in batch.items()}
 
 
 def _as_list(x):
@@ -286,6 +288,7 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
         min_new_tokens = min(min_new_tokens, max_new_tokens)
     stops = _stop_ids(model, stop_token_ids)
     batch = _on_mesh(model, _bucketed_batch(model, inputs, lengths))
+    inputs.pop("pixel_values", None)  # the batch holds the padded copy: the processor's can go before prefill
     Bb = batch["input_ids"].shape[0]
     lens = np.ones((Bb,), np.int32)  # padding rows: one token, never read
     lens[:B] = lengths
@@ -296,6 +299,8 @@ def generate(model: Model, images=None, prompt: str | Sequence[str] = "", *, max
                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, stop_ids=stops,
                            cache_len=model.buckets.cache_length(int(lengths.max()), max_new_tokens),
                            token_slots=slots, greedy=sp.greedy, to_host=to_host)
+    del batch
+    release_aliased()  # the padded pixels' host buffer goes now, not at the next gc (preprocess.buffers)
     texts = None if model.tokenizer is None else [model.tokenizer.decode(r) for r in res.rows]
     steps = res.steps
     timings = {"preprocess_s": t1 - t0, "prefill_s": res.prefill_s, "decode_s": res.decode_s, "steps": steps,

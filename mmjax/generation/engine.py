@@ -15,6 +15,7 @@ trimmed after its first stop token (kept, as HF does).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -27,14 +28,31 @@ from mmjax.generation.state import DecodeState, StepArgs
 from mmjax.kernels import kv_cache
 from mmjax.kernels.attention import MaskSpec
 from mmjax.kernels.kv_cache import check_kv_cache_dtype
+from mmjax.preprocess.buffers import release_free_heap
 
 __all__ = ["Engine", "RunResult"]
 
 SYNC_EVERY = 8  # decode steps between host checks for "every row is done"
+# The prompt programs (vision tower + decoder) compile with XLA:CPU's classic elemental fusion
+# emitters: its MLIR fusion emitters took ~100 MB of RSS to compile a Qwen2-VL prefill (2.7k
+# HLO lines), the classic ones ~40 MB, the run time the same within noise (benchmarks/README.md,
+# "Peak memory"). A DebugOptions field: other backends ignore it.
+PROMPT_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def _gather_last(h, lengths):  # h [B, T, D], lengths [B] -> [B, 1, D]
     return jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+
+
+@contextlib.contextmanager
+def _trim_after_compile(jitted):
+    """When the call inside compiles a program, hand the compiler's freed heap back to the OS
+    after it (preprocess.buffers.release_free_heap); a cached call pays nothing."""
+    size = getattr(jitted, "_cache_size", lambda: 0)  # jax's count of this function's programs
+    before = size()
+    yield
+    if size() != before:
+        release_free_heap()
 
 
 @dataclasses.dataclass
@@ -61,9 +79,10 @@ class Engine:
         self.encoder_sharding = encoder_sharding  # images' shape -> layout (mmjax.sharding.encoder_input_sharding)
         # With a mesh the module's KernelPolicy has no CPU custom calls (a custom call has no
         # sharding rule): mmjax.load builds it with KernelPolicy.without_cpu_custom_calls.
-        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "token_slots", "greedy"))
+        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "token_slots", "greedy"),
+                               compiler_options=PROMPT_COMPILER_OPTIONS)
         self.decode_step = jax.jit(self._decode_step, static_argnames=("greedy",), donate_argnums=(1,))
-        self.forward = jax.jit(self._forward)
+        self.forward = jax.jit(self._forward, compiler_options=PROMPT_COMPILER_OPTIONS)
 
     # --- pure functions ---------------------------------------------------------------------
     def _forward(self, params, batch):
@@ -143,14 +162,16 @@ class Engine:
 
         to_host: how to read a (possibly multi-process) array back (mmjax.sharding.to_host)."""
         t0 = time.perf_counter()
-        state = self.prefill(params, batch, lengths, args, cache_len=cache_len, token_slots=token_slots,
-                             greedy=greedy)
+        with _trim_after_compile(self.prefill):
+            state = self.prefill(params, batch, lengths, args, cache_len=cache_len, token_slots=token_slots,
+                                 greedy=greedy)
         state.done.block_until_ready()
         t1 = time.perf_counter()
         for i in range(1, max_new_tokens):
             if i % SYNC_EVERY == 0 and bool(to_host(state.done)[:rows].all()):
                 break
-            state = self.decode_step(params, state, args, greedy=greedy)
+            with _trim_after_compile(self.decode_step) if i == 1 else contextlib.nullcontext():
+                state = self.decode_step(params, state, args, greedy=greedy)
         tokens = to_host(state.tokens)[:rows, :max_new_tokens]
         steps = int(state.step)
         t2 = time.perf_counter()

@@ -13,6 +13,7 @@ import numpy as np
 
 from mmjax.bucketing import pick
 from mmjax.errors import InputError
+from mmjax.preprocess.buffers import padded_rows
 from mmjax.preprocess.clip_image import CLIPImageProcessor
 from mmjax.preprocess.processor import VLMProcessor
 
@@ -44,12 +45,6 @@ def check_composed_inputs(cfg, batch) -> None:
                          "positions the image features fill (Model.preprocess puts them there)")
 
 
-def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
-    out = np.zeros((rows,) + a.shape[1:], a.dtype)
-    out[: a.shape[0]] = a
-    return out
-
-
 def prepare_composed(cfg, inputs: dict, buckets=None, rows: int | None = None, tokens: int | None = None) -> dict:
     """Check, then pixel_values [I, C, H, W] padded to the image-count bucket (zero images are
     never read: only the first I images' features fill image tokens)."""
@@ -58,7 +53,7 @@ def prepare_composed(cfg, inputs: dict, buckets=None, rows: int | None = None, t
     if px is None:
         return {}
     px = np.asarray(px)
-    return {"pixel_values": px if buckets is None else _pad_rows(px, pick(px.shape[0], buckets.images,
+    return {"pixel_values": px if buckets is None else padded_rows(px, pick(px.shape[0], buckets.images,
                                                                           "number of images"))}
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from mmjax.bucketing import pick
 from mmjax.errors import InputError, LoadError
+from mmjax.preprocess.buffers import padded_rows
 from mmjax.preprocess.processor import VLMProcessor
 from mmjax.preprocess.qwen2vl_image import Qwen2VLImageProcessor
 from mmjax.vision.qwen2vl import vision_inputs
@@ -153,9 +154,7 @@ def prepare(cfg, inputs: dict, buckets=None, rows: int | None = None, tokens: in
     if px is not None:
         px = np.asarray(px)
         P = px.shape[0] if buckets is None else pick(px.shape[0], buckets.patches, "number of image patches")
-        padded = np.zeros((P, px.shape[1]), px.dtype)
-        padded[: px.shape[0]] = px
-        out["pixel_values"] = padded
+        out["pixel_values"] = padded_rows(px, P)  # aligned: the device array aliases it (buffers.py)
         out.update(vision_inputs(cfg.vision, grid, P))
     return out
 
