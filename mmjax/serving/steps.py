@@ -13,6 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from mmjax.generation.engine import PROMPT_COMPILER_OPTIONS
 from mmjax.generation.sampling import select_token
 from mmjax.kernels.attention import MaskSpec
 from mmjax.kernels.paged_attention import write_pages
@@ -69,8 +70,10 @@ class PagedSteps:
         so the donated pools keep one layout."""
         self.module = module
         self.pool_shardings = pool_shardings
-        self.encode = jax.jit(self._encode)
-        self.prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("greedy",))
+        # the prompt programs compile as mmjax.generate's do (PROMPT_COMPILER_OPTIONS: less compile RSS)
+        self.encode = jax.jit(self._encode, compiler_options=PROMPT_COMPILER_OPTIONS)
+        self.prefill = jax.jit(self._prefill, donate_argnums=(1,), static_argnames=("greedy",),
+                               compiler_options=PROMPT_COMPILER_OPTIONS)
         self.decode = jax.jit(self._decode, donate_argnums=(1,), static_argnames=("greedy",))
 
     def compiled(self) -> dict[str, int]:
