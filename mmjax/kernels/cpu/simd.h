@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace mmjax_simd {
 
 constexpr int kLanes = 16;
@@ -36,6 +40,44 @@ inline NIVec NIota() {
   NIVec v{};
   for (int i = 0; i < kNLanes; ++i) v[i] = i;
   return v;
+}
+
+// One narrow value as float32: bfloat16 is the high half of a float32, int8 converts exactly.
+inline float ToFloat(float w) { return w; }
+inline float ToFloat(int8_t w) { return float(w); }
+inline float ToFloat(uint16_t w) {
+  const uint32_t bits = uint32_t(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// kNLanes consecutive values (float32, bfloat16 as uint16_t, int8) widened to one native float32
+// register (gemv's weights, decode attention's bf16 / int8 K and V rows). Intrinsics, because
+// GCC's __builtin_convertvector scalarises int8 -> float and spills the bfloat16 shift on AVX2
+// (one vcvtsi2ss per weight: int8 decode ran at 1.2 GB/s).
+inline NVec LoadW(const float* p) { return NLoad(p); }
+inline NVec LoadW(const uint16_t* p) {  // bfloat16: zero-extend to 32 bits, shift into the high half
+#if defined(__AVX512F__)
+  return (NVec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#elif defined(__AVX2__)
+  return (NVec)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+#else
+  NVec v;
+  for (int i = 0; i < kNLanes; ++i) v[i] = ToFloat(p[i]);
+  return v;
+#endif
+}
+inline NVec LoadW(const int8_t* p) {  // int8: sign-extend and convert (exact)
+#if defined(__AVX512F__)
+  return (NVec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return (NVec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  NVec v;
+  for (int i = 0; i < kNLanes; ++i) v[i] = ToFloat(p[i]);
+  return v;
+#endif
 }
 
 // exp(x) for x <= 0 (x - max): 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts.
