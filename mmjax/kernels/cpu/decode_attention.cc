@@ -260,6 +260,39 @@ inline NVec NSums(const NVec* v) {
 }
 #endif
 
+// l[0:n] = softmax(l[0:n]) * v_scale[0:n] (v_scale null: 1), in place; v[s] * v_scale[s] is
+// folded into the probabilities. Softmax's steps at native width: with the 16-float vectors of
+// the float32 path, AVX2 spilled every step of exp and the softmax cost as much as the logits.
+void NarrowSoftmax(float* l, int64_t n, const float* v_scale) {
+  const int64_t nv = n / kN * kN;
+  float m = l[0];
+  if (nv > 0) {
+    NVec mv = NLoad(l);
+    for (int64_t s = kN; s < nv; s += kN) {
+      const NVec x = NLoad(l + s);
+      mv = x > mv ? x : mv;
+    }
+    m = std::max(m, HMax(mv));
+  }
+  for (int64_t s = nv; s < n; ++s) m = std::max(m, l[s]);
+  NVec tv{};
+  for (int64_t s = 0; s < nv; s += kN) {
+    const NVec e = mmjax_simd::NExp(NLoad(l + s) - m);
+    NStore(l + s, e);
+    tv += e;
+  }
+  float total = HSum(tv);
+  for (int64_t s = nv; s < n; ++s) {
+    l[s] = mmjax_simd::NExp(mmjax_simd::NSplat(l[s] - m))[0];
+    total += l[s];
+  }
+  for (int64_t s = 0; s < nv; s += kN) {
+    const NVec p = NLoad(l + s) / total;
+    NStore(l + s, v_scale != nullptr ? p * NLoad(v_scale + s) : p);
+  }
+  for (int64_t s = nv; s < n; ++s) l[s] = l[s] / total * (v_scale != nullptr ? v_scale[s] : 1.0f);
+}
+
 // logits[s] = scale * k_scale[s] * q . k[s] for s < n (k_scale null: 1), head dim HV x kN.
 template <typename T, int HV>
 void NarrowLogits(const float* __restrict__ q, const T* __restrict__ k, const float* __restrict__ k_scale,
@@ -381,12 +414,7 @@ struct NarrowProblem {
         }
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      float* l = logits.data() + g * n;
-      Softmax(l, n);
-      if (vs != nullptr)  // v[s] * v_scale[s] folded into the probabilities
-        for (int64_t s = 0; s < n; ++s) l[s] *= vs[s];
-    }
+    for (int64_t g = 0; g < G; ++g) NarrowSoftmax(logits.data() + g * n, n, vs);
     // out[g] = sum_s probs[g, s] v[s]: per tile of keys, per pair of head-dim vectors, per kGC
     // heads; the tile stays in L1 for the passes after the first.
     for (int64_t t0 = 0; t0 < n; t0 += tile) {
