@@ -124,5 +124,55 @@ inline float HSum(V v) {
   return s;
 }
 
+// r[i] = HSum(v[i]) for 16 vectors at once: four levels of pairwise shuffle + add (15 merges)
+// instead of 16 lane-by-lane sums. Keys come out in bit-reversed order; the last shuffle
+// puts them back.
+inline Vec Merge8(Vec a, Vec b) {  // halves: [a0..7 + a8..15 | b0..7 + b8..15]
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+inline Vec Merge4(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline Vec Merge2(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline Vec Merge1(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+inline Vec Sums16(const Vec* v) {
+  Vec t[8], u[4];
+  for (int j = 0; j < 8; ++j) t[j] = Merge8(v[2 * j], v[2 * j + 1]);
+  for (int j = 0; j < 4; ++j) u[j] = Merge4(t[2 * j], t[2 * j + 1]);
+  const Vec y = Merge1(Merge2(u[0], u[1]), Merge2(u[2], u[3]));
+  return __builtin_shufflevector(y, y, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+// r[i] = HSum(v[i]) for kNLanes native vectors: Sums16 at native width.
+#if defined(__AVX512F__)
+inline NVec NSums(const NVec* v) { return Sums16(v); }  // kNLanes == 16: NVec is Vec
+#elif defined(__AVX__)
+inline NVec NSums(const NVec* v) {  // 3 levels of shuffle + add; keys come out bit-reversed
+  NVec t[4], u[2];
+  for (int j = 0; j < 4; ++j)
+    t[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(v[2 * j], v[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int j = 0; j < 2; ++j)
+    u[j] = __builtin_shufflevector(t[2 * j], t[2 * j + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(t[2 * j], t[2 * j + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  const NVec y = __builtin_shufflevector(u[0], u[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(u[0], u[1], 1, 9, 3, 11, 5, 13, 7, 15);
+  return __builtin_shufflevector(y, y, 0, 4, 2, 6, 1, 5, 3, 7);
+}
+#else
+inline NVec NSums(const NVec* v) {
+  NVec r;
+  for (int i = 0; i < kNLanes; ++i) r[i] = HSum(v[i]);
+  return r;
+}
+#endif
 
 }  // namespace mmjax_simd
