@@ -200,7 +200,7 @@ def test_eligible_by_dtype():
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     q = spec((B, 1, K * G, H), jnp.float32)
     kv = lambda dtype: spec((B, S, K, H), dtype)  # attention() passes k in [B, S, K, H] shape
-    scale = spec((B, S, K), jnp.float32)
+    scale = spec((B, K, S), jnp.float32)
     assert cda.eligible(q, kv(jnp.float32), kv(jnp.float32), mask)
     assert cda.eligible(q, kv(jnp.bfloat16), kv(jnp.bfloat16), mask)
     assert cda.eligible(spec(q.shape, jnp.bfloat16), kv(jnp.bfloat16), kv(jnp.bfloat16), mask)
@@ -208,7 +208,7 @@ def test_eligible_by_dtype():
     assert not cda.eligible(q, kv(jnp.int8), kv(jnp.int8), mask)  # int8 needs its scales
     assert not cda.eligible(q, kv(jnp.int8), kv(jnp.int8), mask, k_scale=scale)
     assert not cda.eligible(q, kv(jnp.int8), kv(jnp.int8), mask, k_scale=scale,
-                            v_scale=spec((B, S, K), jnp.bfloat16))
+                            v_scale=spec((B, K, S), jnp.bfloat16))
     assert not cda.eligible(q, kv(jnp.bfloat16), kv(jnp.bfloat16), mask, k_scale=scale, v_scale=scale)
     assert not cda.eligible(q, kv(jnp.bfloat16), kv(jnp.float32), mask)  # k and v of one dtype
     assert not cda.eligible(q, kv(jnp.float16), kv(jnp.float16), mask)

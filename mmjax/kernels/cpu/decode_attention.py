@@ -14,8 +14,8 @@ CACHE_DTYPES:
 q is float32 or bfloat16; all arithmetic is float32. ffi.py builds and registers the kernels.
 
 `eligible(q, k, v, mask, k_scale=None, v_scale=None)` says whether it can: one query token, q
-float32 or bfloat16, a cache of CACHE_DTYPES (int8 only with both scales, [B, K, S] float32; the
-float dtypes without), a mask without segment ids, and the library built. Whether it should is
+float32 or bfloat16, a cache of CACHE_DTYPES (int8 only with both scales, float32; the float
+dtypes without), a mask without segment ids, and the library built. Whether it should is
 the KernelPolicy's `attention_cpu` (mmjax.kernels.attention asks both, in the CPU branch of its
 platform_dependent).
 
@@ -65,19 +65,19 @@ def _name(x) -> str:
     return jnp.dtype(x.dtype).name
 
 
-def _scales_fit(k, k_scale, v_scale) -> bool:
-    return all(s is not None and tuple(s.shape) == tuple(k.shape[:3]) and _name(s) == "float32"
-               for s in (k_scale, v_scale))
+def _scales_given(k_scale, v_scale) -> bool:
+    return all(s is not None and len(s.shape) == 3 and _name(s) == "float32" for s in (k_scale, v_scale))
 
 
 def eligible(q, k, v, mask, k_scale=None, v_scale=None) -> bool:
-    """Whether attention of q [B, T, N, H] over a BKSH cache (k/v of [B, K, S, H] shape; int8
-    with its scales [B, K, S]) goes through this kernel."""
+    """Whether attention of q [B, T, N, H] over a BKSH cache goes through this kernel. Reads
+    dtypes, not layouts (attention() passes k/v in their [B, S, K, H] view): int8 needs both
+    scales, float32 and 3-d; their shape [B, K, S] is decode_attention_cpu's to check."""
     cache = _name(k)
     scaled = k_scale is not None or v_scale is not None
     return (q.shape[1] == 1 and mask.q_segment_ids is None
             and _name(q) in QUERY_DTYPES and cache in CACHE_DTYPES and _name(v) == cache
-            and (_scales_fit(k, k_scale, v_scale) if cache == "int8" else not scaled)
+            and (_scales_given(k_scale, v_scale) if cache == "int8" else not scaled)
             and ffi.available())
 
 
@@ -93,7 +93,8 @@ def decode_attention_cpu(q, k, v, start, end, scale: float | None = None, k_scal
     if _name(q) not in QUERY_DTYPES or cache not in CACHE_DTYPES or _name(v) != cache:
         raise ValueError(f"decode_attention_cpu: q one of {', '.join(QUERY_DTYPES)} and k/v both one of "
                          f"{', '.join(CACHE_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cache == "int8" and not _scales_fit(k, k_scale, v_scale):
+    if cache == "int8" and not (_scales_given(k_scale, v_scale)
+                                and k_scale.shape == v_scale.shape == k.shape[:3]):
         got = [None if s is None else f"{s.dtype} {s.shape}" for s in (k_scale, v_scale)]
         raise ValueError(f"decode_attention_cpu: an int8 cache needs k_scale and v_scale float32 "
                          f"{tuple(k.shape[:3])} [B, K, S], got {got[0]} and {got[1]}")
