@@ -12,12 +12,15 @@
 // float32 in registers as they stream (LoadW, simd.h, as cpu.gemv does for weights): there is no
 // float32 copy of the cache. Everything after the widening is float32.
 //
-// One task per (b, kv head), shared out by mmjax_pool::ParallelFor (pool.h): keys in tiles of
-// ~16 KiB of cache; each tile's logits for all G heads while it sits in L1 (NarrowLogits: the dot
-// products of kN keys reduced together by NSums, then * scale * k_scale); softmax over the row
-// with v_scale folded into the probabilities (NarrowSoftmax); then probs @ V per tile, 2 head-dim
-// vectors x up to kGC heads of accumulators in registers (NarrowWeightedSum). Head dims that are
-// not whole native vectors take plain loops.
+// One task per (b, kv head), shared out by mmjax_pool::ParallelFor (pool.h), keys in tiles of
+// ~16 KiB of cache:
+//  * logits (NarrowLogits): each key row widened once, up to 8 vectors at a time, and dotted with
+//    all G query rows; the dot products of kN keys reduced together (NSums), * scale * k_scale.
+//    Widening each row once per head instead ran ~1.4x slower at G 3;
+//  * softmax over the row, v_scale folded into the probabilities (NarrowSoftmax);
+//  * probs @ V per tile, 2 head-dim vectors x up to kGC heads of accumulators in registers
+//    (NarrowWeightedSum); the passes over a tile after the first find it in L1.
+// Head dims that are not whole native vectors take plain loops.
 //
 // Native-width vectors (NVec, kN = 8 floats on AVX2, 16 on AVX-512) throughout: the float32
 // kernel's 16-float Vec lives in memory on AVX2 (docs/kernels.md, "Native-width vectors"); its
@@ -73,30 +76,50 @@ void NarrowSoftmax(float* l, int64_t n, const float* v_scale) {
   for (int64_t s = nv; s < n; ++s) l[s] = l[s] / total * (v_scale != nullptr ? v_scale[s] : 1.0f);
 }
 
-// logits[s] = scale * k_scale[s] * q . k[s] for s < n (k_scale null: 1), head dim HV x kN.
+// Vectors of the head dim held in registers at once by NarrowLogits: the largest divisor of HV up
+// to 8 (8 widened vectors + an accumulator + a q load fit AVX2's 16 registers).
+constexpr int ChunkOf(int hv) {
+  for (int c = 8; c > 1; --c)
+    if (hv % c == 0) return c;
+  return 1;
+}
+
+// logits[g * ld + s] = scale * k_scale[s] * q[g] . k[s] for g < G, s < n (k_scale null: 1): each
+// key row is widened once, HC vectors at a time, and dotted with all G query rows (q from L1);
+// the G x kN partial dot products wait in `part` for NSums.
 template <typename T, int HV>
-void NarrowLogits(const float* __restrict__ q, const T* __restrict__ k, const float* __restrict__ k_scale,
-                  int64_t n, float scale, float* __restrict__ logits) {
+void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ k, const float* __restrict__ k_scale,
+                  int64_t n, float scale, float* __restrict__ logits, int64_t ld) {
   constexpr int64_t H = HV * kN;
+  constexpr int HC = ChunkOf(HV);
+  thread_local std::vector<NVec> part_buffer;
+  part_buffer.resize(G * kN);
+  NVec* __restrict__ part = part_buffer.data();  // [G, kN]
   int64_t s = 0;
   for (; s + kN <= n; s += kN) {
-    NVec acc[kN];
-#pragma GCC unroll 16
     for (int i = 0; i < kN; ++i) {
       const T* kr = k + (s + i) * H;
-      NVec a = NLoad(q) * LoadW(kr);
-      for (int h = 1; h < HV; ++h) a += NLoad(q + h * kN) * LoadW(kr + h * kN);
-      acc[i] = a;
+      for (int h0 = 0; h0 < HV; h0 += HC) {
+        NVec kv[HC];
+        for (int h = 0; h < HC; ++h) kv[h] = LoadW(kr + (h0 + h) * kN);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = q + g * H + h0 * kN;
+          NVec a = h0 == 0 ? NLoad(qg) * kv[0] : part[g * kN + i] + NLoad(qg) * kv[0];
+          for (int h = 1; h < HC; ++h) a += NLoad(qg + h * kN) * kv[h];
+          part[g * kN + i] = a;
+        }
+      }
     }
-    NVec l = NSums(acc) * scale;
-    if (k_scale != nullptr) l *= NLoad(k_scale + s);
-    NStore(logits + s, l);
+    const NVec ksv = k_scale != nullptr ? NLoad(k_scale + s) * scale : NSplat(scale);
+    for (int64_t g = 0; g < G; ++g) NStore(logits + g * ld + s, NSums(part + g * kN) * ksv);
   }
   for (; s < n; ++s) {
     const T* kr = k + s * H;
-    NVec a = NLoad(q) * LoadW(kr);
-    for (int h = 1; h < HV; ++h) a += NLoad(q + h * kN) * LoadW(kr + h * kN);
-    logits[s] = HSum(a) * scale * (k_scale != nullptr ? k_scale[s] : 1.0f);
+    for (int64_t g = 0; g < G; ++g) {
+      NVec a = NLoad(q + g * H) * LoadW(kr);
+      for (int h = 1; h < HV; ++h) a += NLoad(q + g * H + h * kN) * LoadW(kr + h * kN);
+      logits[g * ld + s] = HSum(a) * scale * (k_scale != nullptr ? k_scale[s] : 1.0f);
+    }
   }
 }
 
@@ -134,7 +157,7 @@ const std::array<WeightedSumFn<T>, kGC> kWeightedSum[2] = {WeightedSums<T, 1>(st
                                                            WeightedSums<T, 2>(std::make_index_sequence<kGC>())};
 
 template <typename T>
-using LogitsFn = void (*)(const float*, const T*, const float*, int64_t, float, float*);
+using LogitsFn = void (*)(const float*, int64_t, const T*, const float*, int64_t, float, float*, int64_t);
 template <typename T, size_t... HV>
 constexpr std::array<LogitsFn<T>, sizeof...(HV)> NarrowLogitsTable(std::index_sequence<HV...>) {
   return {NarrowLogits<T, int(HV) + 1>...};
@@ -174,18 +197,18 @@ struct NarrowProblem {
     std::memset(op, 0, G * H * sizeof(float));
     if (n <= 0) return;
     logits.resize(G * n);
-    // Keys in tiles of ~16 KiB of cache, so a tile read for the first head is in L1 for the
-    // other G - 1 (each head widens its own copy in registers: no float32 copy of the cache).
+    // Keys in tiles of ~16 KiB of cache (the weighted sum's passes over a tile after the first
+    // find it in L1).
     const int64_t tile = std::max<int64_t>(kN, 16384 / (H * int64_t(sizeof(T))) / kN * kN);
     const LogitsFn<T> fast = NarrowLogitsFor<T>(H);
     for (int64_t t0 = 0; t0 < n; t0 += tile) {
       const int64_t m = std::min(tile, n - t0);
+      if (fast != nullptr) {
+        fast(qp, G, kp + t0 * H, ks != nullptr ? ks + t0 : nullptr, m, scale, logits.data() + t0, n);
+        continue;
+      }
       for (int64_t g = 0; g < G; ++g) {
         float* l = logits.data() + g * n + t0;
-        if (fast != nullptr) {
-          fast(qp + g * H, kp + t0 * H, ks != nullptr ? ks + t0 : nullptr, m, scale, l);
-          continue;
-        }
         for (int64_t s = 0; s < m; ++s) {
           const T* kr = kp + (t0 + s) * H;
           float dot = 0;
