@@ -1,4 +1,5 @@
-// Decode attention for XLA:CPU: one query token per row against the KV cache, float32.
+// Decode attention for XLA:CPU: one query token per row against the KV cache, float32 (bfloat16
+// and int8 caches: decode_attention_narrow.cc).
 //
 // out[b, k, g, :] = softmax_s(scale * q[b, k, g, :] . K[b, k, s, :]) @ V[b, k, s, :]
 // over the visible keys start[b] <= s < end[b] (decode_range in attention.py turns every
@@ -37,33 +38,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 using namespace mmjax_simd;
-
-// r[i] = HSum(v[i]) for 16 vectors at once: four levels of pairwise shuffle + add (15 merges)
-// instead of 16 lane-by-lane sums. Keys come out in bit-reversed order; the last shuffle
-// puts them back.
-inline Vec Merge8(Vec a, Vec b) {  // halves: [a0..7 + a8..15 | b0..7 + b8..15]
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-}
-inline Vec Merge4(Vec a, Vec b) {
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-         __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-}
-inline Vec Merge2(Vec a, Vec b) {
-  return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-         __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-}
-inline Vec Merge1(Vec a, Vec b) {
-  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-}
-inline Vec Sums16(const Vec* v) {
-  Vec t[8], u[4];
-  for (int j = 0; j < 8; ++j) t[j] = Merge8(v[2 * j], v[2 * j + 1]);
-  for (int j = 0; j < 4; ++j) u[j] = Merge4(t[2 * j], t[2 * j + 1]);
-  const Vec y = Merge1(Merge2(u[0], u[1]), Merge2(u[2], u[3]));
-  return __builtin_shufflevector(y, y, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
-}
 
 // logits[s] = scale * q . k[s0 + s] for s < n, head dim HV vectors of 16.
 template <int HV>

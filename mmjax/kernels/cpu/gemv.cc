@@ -1,7 +1,7 @@
 // Small-batch matrix product for XLA:CPU decode steps: y[M, N] = x[M, K] @ w[K, N] (* scale[N]),
 // M = 1..8 rows (one row per sequence of a decode batch). x and y are float32; w is float32,
 // bfloat16, or int8 with a float32 scale per output column (mmjax/quantization.py). Narrow
-// weights are widened to float32 in registers as they stream (LoadW below), so a step reads 2 or
+// weights are widened to float32 in registers as they stream (LoadW, simd.h), so a step reads 2 or
 // 1 bytes per weight instead of 4; the int8 scale multiplies each finished column once.
 //
 // Why: a decode step multiplies a few rows by every weight matrix, so it is bound by how fast
@@ -30,8 +30,6 @@
 #include <string>
 #include <type_traits>
 
-#include <immintrin.h>
-
 #include "pool.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
@@ -42,46 +40,11 @@ namespace {
 
 constexpr int64_t kVec = mmjax_simd::kLanes;  // chunk widths are multiples of one vector
 
+using mmjax_simd::LoadW;
 using mmjax_simd::NLoad;
 using mmjax_simd::NVec;
+using mmjax_simd::ToFloat;
 constexpr int64_t kN = mmjax_simd::kNLanes;  // one native register of floats
-
-// One weight as float32: bfloat16 is the high half of a float32, int8 converts exactly.
-inline float ToFloat(float w) { return w; }
-inline float ToFloat(int8_t w) { return float(w); }
-inline float ToFloat(uint16_t w) {
-  const uint32_t bits = uint32_t(w) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// kN consecutive weights widened to one native float32 register. Intrinsics, because GCC's
-// __builtin_convertvector scalarises int8 -> float and spills the bfloat16 shift on AVX2
-// (one vcvtsi2ss per weight: int8 decode ran at 1.2 GB/s).
-inline NVec LoadW(const float* p) { return NLoad(p); }
-inline NVec LoadW(const uint16_t* p) {  // bfloat16: zero-extend to 32 bits, shift into the high half
-#if defined(__AVX512F__)
-  return (NVec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-#elif defined(__AVX2__)
-  return (NVec)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-#else
-  NVec v;
-  for (int i = 0; i < kN; ++i) v[i] = ToFloat(p[i]);
-  return v;
-#endif
-}
-inline NVec LoadW(const int8_t* p) {  // int8: sign-extend and convert (exact)
-#if defined(__AVX512F__)
-  return (NVec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-#elif defined(__AVX2__)
-  return (NVec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-#else
-  NVec v;
-  for (int i = 0; i < kN; ++i) v[i] = ToFloat(p[i]);
-  return v;
-#endif
-}
 
 // y[n0:n1] = x @ w[:, n0:n1]
 template <typename W>

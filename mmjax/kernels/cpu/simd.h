@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace mmjax_simd {
 
 constexpr int kLanes = 16;
@@ -36,6 +40,44 @@ inline NIVec NIota() {
   NIVec v{};
   for (int i = 0; i < kNLanes; ++i) v[i] = i;
   return v;
+}
+
+// One narrow value as float32: bfloat16 is the high half of a float32, int8 converts exactly.
+inline float ToFloat(float w) { return w; }
+inline float ToFloat(int8_t w) { return float(w); }
+inline float ToFloat(uint16_t w) {
+  const uint32_t bits = uint32_t(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// kNLanes consecutive values (float32, bfloat16 as uint16_t, int8) widened to one native float32
+// register (gemv's weights, decode attention's bf16 / int8 K and V rows). Intrinsics, because
+// GCC's __builtin_convertvector scalarises int8 -> float and spills the bfloat16 shift on AVX2
+// (one vcvtsi2ss per weight: int8 decode ran at 1.2 GB/s).
+inline NVec LoadW(const float* p) { return NLoad(p); }
+inline NVec LoadW(const uint16_t* p) {  // bfloat16: zero-extend to 32 bits, shift into the high half
+#if defined(__AVX512F__)
+  return (NVec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#elif defined(__AVX2__)
+  return (NVec)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+#else
+  NVec v;
+  for (int i = 0; i < kNLanes; ++i) v[i] = ToFloat(p[i]);
+  return v;
+#endif
+}
+inline NVec LoadW(const int8_t* p) {  // int8: sign-extend and convert (exact)
+#if defined(__AVX512F__)
+  return (NVec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  return (NVec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  NVec v;
+  for (int i = 0; i < kNLanes; ++i) v[i] = ToFloat(p[i]);
+  return v;
+#endif
 }
 
 // exp(x) for x <= 0 (x - max): 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts.
@@ -82,5 +124,55 @@ inline float HSum(V v) {
   return s;
 }
 
+// r[i] = HSum(v[i]) for 16 vectors at once: four levels of pairwise shuffle + add (15 merges)
+// instead of 16 lane-by-lane sums. Keys come out in bit-reversed order; the last shuffle
+// puts them back.
+inline Vec Merge8(Vec a, Vec b) {  // halves: [a0..7 + a8..15 | b0..7 + b8..15]
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+inline Vec Merge4(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline Vec Merge2(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline Vec Merge1(Vec a, Vec b) {
+  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+inline Vec Sums16(const Vec* v) {
+  Vec t[8], u[4];
+  for (int j = 0; j < 8; ++j) t[j] = Merge8(v[2 * j], v[2 * j + 1]);
+  for (int j = 0; j < 4; ++j) u[j] = Merge4(t[2 * j], t[2 * j + 1]);
+  const Vec y = Merge1(Merge2(u[0], u[1]), Merge2(u[2], u[3]));
+  return __builtin_shufflevector(y, y, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+// r[i] = HSum(v[i]) for kNLanes native vectors: Sums16 at native width.
+#if defined(__AVX512F__)
+inline NVec NSums(const NVec* v) { return Sums16(v); }  // kNLanes == 16: NVec is Vec
+#elif defined(__AVX__)
+inline NVec NSums(const NVec* v) {  // 3 levels of shuffle + add; keys come out bit-reversed
+  NVec t[4], u[2];
+  for (int j = 0; j < 4; ++j)
+    t[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(v[2 * j], v[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int j = 0; j < 2; ++j)
+    u[j] = __builtin_shufflevector(t[2 * j], t[2 * j + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(t[2 * j], t[2 * j + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  const NVec y = __builtin_shufflevector(u[0], u[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+                 __builtin_shufflevector(u[0], u[1], 1, 9, 3, 11, 5, 13, 7, 15);
+  return __builtin_shufflevector(y, y, 0, 4, 2, 6, 1, 5, 3, 7);
+}
+#else
+inline NVec NSums(const NVec* v) {
+  NVec r;
+  for (int i = 0; i < kNLanes; ++i) r[i] = HSum(v[i]);
+  return r;
+}
+#endif
 
 }  // namespace mmjax_simd

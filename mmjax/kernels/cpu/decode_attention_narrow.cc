@@ -1,0 +1,324 @@
+// Decode attention for XLA:CPU over a bfloat16 or int8 KV cache: the float32 kernel's math
+// (decode_attention.cc) with the cache read in 2 or 1 bytes a value.
+//
+// out[b, k, g, :] = softmax_s(scale * q[b, k, g, :] . K[b, k, s, :]) @ V[b, k, s, :] over the
+// visible keys start[b] <= s < end[b]; a row with no visible key gives 0. q and out are float32
+// [B, K, G, H]; K, V are [B, K, S, H] bfloat16, or int8 with k_scale / v_scale float32 [B, K, S]
+// (K[b, k, s, :] = int8 * k_scale[b, k, s]: one symmetric scale per token and kv head).
+// Axis legend: B batch, K kv heads, G query heads per kv head, S cache length, H head dim.
+//
+// Why: a decode step reads the whole visible cache; at long contexts that is the step's largest
+// read after the weights, and a narrow cache halves or quarters it. The rows are widened to
+// float32 in registers as they stream (LoadW, simd.h, as cpu.gemv does for weights): there is no
+// float32 copy of the cache. Everything after the widening is float32.
+//
+// One task per (b, kv head), shared out by mmjax_pool::ParallelFor (pool.h), keys in tiles of
+// ~16 KiB of cache:
+//  * logits (NarrowLogits): each key row widened once, up to 8 vectors at a time, and dotted with
+//    all G query rows; the dot products of kN keys reduced together (NSums), * scale * k_scale.
+//    Widening each row once per head instead ran ~1.4x slower at G 3;
+//  * softmax over the row, v_scale folded into the probabilities (NarrowSoftmax);
+//  * probs @ V per tile, 2 head-dim vectors x up to kGC heads of accumulators in registers
+//    (NarrowWeightedSum); the passes over a tile after the first find it in L1.
+// Head dims that are not whole native vectors take plain loops.
+//
+// Native-width vectors (NVec, kN = 8 floats on AVX2, 16 on AVX-512) throughout: the float32
+// kernel's 16-float Vec lives in memory on AVX2 (docs/kernels.md, "Native-width vectors"); its
+// softmax alone cost as much as the logits there.
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "pool.h"
+#include "simd.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+using namespace mmjax_simd;
+
+constexpr int kN = kNLanes;
+
+// l[0:n] = softmax(l[0:n]) * v_scale[0:n] (v_scale null: 1), in place: max, exp(l - max), sum,
+// l / sum, as the float32 kernel; v[s] * v_scale[s] folded into the probabilities.
+void NarrowSoftmax(float* l, int64_t n, const float* v_scale) {
+  const int64_t nv = n / kN * kN;
+  float m = l[0];
+  if (nv > 0) {
+    NVec mv = NLoad(l);
+    for (int64_t s = kN; s < nv; s += kN) {
+      const NVec x = NLoad(l + s);
+      mv = x > mv ? x : mv;
+    }
+    m = std::max(m, HMax(mv));
+  }
+  for (int64_t s = nv; s < n; ++s) m = std::max(m, l[s]);
+  NVec tv{};
+  for (int64_t s = 0; s < nv; s += kN) {
+    const NVec e = NExp(NLoad(l + s) - m);
+    NStore(l + s, e);
+    tv += e;
+  }
+  float total = HSum(tv);
+  for (int64_t s = nv; s < n; ++s) {
+    l[s] = NExp(NSplat(l[s] - m))[0];
+    total += l[s];
+  }
+  for (int64_t s = 0; s < nv; s += kN) {
+    const NVec p = NLoad(l + s) / total;
+    NStore(l + s, v_scale != nullptr ? p * NLoad(v_scale + s) : p);
+  }
+  for (int64_t s = nv; s < n; ++s) l[s] = l[s] / total * (v_scale != nullptr ? v_scale[s] : 1.0f);
+}
+
+// Vectors of the head dim held in registers at once by NarrowLogits: the largest divisor of HV up
+// to 8 (8 widened vectors + an accumulator + a q load fit AVX2's 16 registers).
+constexpr int ChunkOf(int hv) {
+  for (int c = 8; c > 1; --c)
+    if (hv % c == 0) return c;
+  return 1;
+}
+
+// logits[g * ld + s] = scale * k_scale[s] * q[g] . k[s] for g < G, s < n (k_scale null: 1): each
+// key row is widened once, HC vectors at a time, and dotted with all G query rows (q from L1);
+// the G x kN partial dot products wait in `part` for NSums.
+template <typename T, int HV>
+void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ k, const float* __restrict__ k_scale,
+                  int64_t n, float scale, float* __restrict__ logits, int64_t ld) {
+  constexpr int64_t H = HV * kN;
+  constexpr int HC = ChunkOf(HV);
+  thread_local std::vector<NVec> part_buffer;
+  part_buffer.resize(G * kN);
+  NVec* __restrict__ part = part_buffer.data();  // [G, kN]
+  int64_t s = 0;
+  for (; s + kN <= n; s += kN) {
+    for (int i = 0; i < kN; ++i) {
+      const T* kr = k + (s + i) * H;
+      for (int h0 = 0; h0 < HV; h0 += HC) {
+        NVec kv[HC];
+        for (int h = 0; h < HC; ++h) kv[h] = LoadW(kr + (h0 + h) * kN);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = q + g * H + h0 * kN;
+          NVec a = h0 == 0 ? NLoad(qg) * kv[0] : part[g * kN + i] + NLoad(qg) * kv[0];
+          for (int h = 1; h < HC; ++h) a += NLoad(qg + h * kN) * kv[h];
+          part[g * kN + i] = a;
+        }
+      }
+    }
+    const NVec ksv = k_scale != nullptr ? NLoad(k_scale + s) * scale : NSplat(scale);
+    for (int64_t g = 0; g < G; ++g) NStore(logits + g * ld + s, NSums(part + g * kN) * ksv);
+  }
+  for (; s < n; ++s) {
+    const T* kr = k + s * H;
+    for (int64_t g = 0; g < G; ++g) {
+      NVec a = NLoad(q + g * H) * LoadW(kr);
+      for (int h = 1; h < HV; ++h) a += NLoad(q + g * H + h * kN) * LoadW(kr + h * kN);
+      logits[g * ld + s] = HSum(a) * scale * (k_scale != nullptr ? k_scale[s] : 1.0f);
+    }
+  }
+}
+
+// out[g, 0:HC kN] += sum_s probs[g * ld + s] v[s, 0:HC kN] for g < GC, s < n; rows of v and out
+// H apart. GC x HC accumulators stay in registers while the rows stream.
+template <typename T, int GC, int HC>
+void NarrowWeightedSum(const float* __restrict__ probs, int64_t ld, int64_t n, const T* __restrict__ v,
+                       int64_t H, float* __restrict__ out) {
+  NVec acc[GC][HC];
+  for (int g = 0; g < GC; ++g)
+    for (int h = 0; h < HC; ++h) acc[g][h] = NLoad(out + g * H + h * kN);
+  for (int64_t s = 0; s < n; ++s) {
+    const T* vr = v + s * H;
+    for (int h = 0; h < HC; ++h) {
+      const NVec w = LoadW(vr + h * kN);
+      for (int g = 0; g < GC; ++g) acc[g][h] += probs[g * ld + s] * w;
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int h = 0; h < HC; ++h) NStore(out + g * H + h * kN, acc[g][h]);
+}
+
+// Heads per NarrowWeightedSum: 2 x GC accumulators + 2 widened rows + broadcasts fit the
+// 16 (AVX2) or 32 (AVX-512) registers.
+constexpr int kGC = kN >= 16 ? 8 : 4;
+template <typename T>
+using WeightedSumFn = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*);
+template <typename T, int HC, size_t... GC>
+constexpr std::array<WeightedSumFn<T>, sizeof...(GC)> WeightedSums(std::index_sequence<GC...>) {
+  return {NarrowWeightedSum<T, int(GC) + 1, HC>...};
+}
+// kWeightedSum<T>[hc - 1][gc - 1]: hc in 1..2 vectors of the head dim, gc in 1..kGC heads.
+template <typename T>
+const std::array<WeightedSumFn<T>, kGC> kWeightedSum[2] = {WeightedSums<T, 1>(std::make_index_sequence<kGC>()),
+                                                           WeightedSums<T, 2>(std::make_index_sequence<kGC>())};
+
+template <typename T>
+using LogitsFn = void (*)(const float*, int64_t, const T*, const float*, int64_t, float, float*, int64_t);
+template <typename T, size_t... HV>
+constexpr std::array<LogitsFn<T>, sizeof...(HV)> NarrowLogitsTable(std::index_sequence<HV...>) {
+  return {NarrowLogits<T, int(HV) + 1>...};
+}
+// Head dims kN .. 256 in whole native vectors (AVX2: 8, 16, .., 256); others: plain loops.
+constexpr int kMaxHV = 256 / kN;
+template <typename T>
+LogitsFn<T> NarrowLogitsFor(int64_t H) {
+  static const auto table = NarrowLogitsTable<T>(std::make_index_sequence<kMaxHV>());
+  if (H % kN != 0 || H / kN < 1 || H / kN > kMaxHV) return nullptr;
+  return table[H / kN - 1];
+}
+
+// Decode attention over a cache of T (uint16_t: bfloat16, int8_t: int8 with k_scale / v_scale
+// [B, K, S]). q, out float32 [B, K, G, H].
+template <typename T>
+struct NarrowProblem {
+  const float* q;
+  const T *k, *v;
+  const float *k_scale, *v_scale;  // null for bfloat16
+  const int32_t *start, *end;
+  float* out;
+  int64_t B, K, G, S, H;
+  float scale;
+
+  void Task(int64_t bk, std::vector<float>& logits) const {
+    const int64_t b = bk / K;
+    const int64_t s0 = std::clamp<int64_t>(start[b], 0, S);
+    const int64_t s1 = std::clamp<int64_t>(end[b], 0, S);
+    const int64_t n = s1 - s0;
+    const float* qp = q + bk * G * H;  // [G, H]
+    const T* kp = k + (bk * S + s0) * H;  // [n, H], the visible rows
+    const T* vp = v + (bk * S + s0) * H;
+    const float* ks = k_scale != nullptr ? k_scale + bk * S + s0 : nullptr;  // [n]
+    const float* vs = v_scale != nullptr ? v_scale + bk * S + s0 : nullptr;
+    float* op = out + bk * G * H;
+    std::memset(op, 0, G * H * sizeof(float));
+    if (n <= 0) return;
+    logits.resize(G * n);
+    // Keys in tiles of ~16 KiB of cache (the weighted sum's passes over a tile after the first
+    // find it in L1).
+    const int64_t tile = std::max<int64_t>(kN, 16384 / (H * int64_t(sizeof(T))) / kN * kN);
+    const LogitsFn<T> fast = NarrowLogitsFor<T>(H);
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+      const int64_t m = std::min(tile, n - t0);
+      if (fast != nullptr) {
+        fast(qp, G, kp + t0 * H, ks != nullptr ? ks + t0 : nullptr, m, scale, logits.data() + t0, n);
+        continue;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* l = logits.data() + g * n + t0;
+        for (int64_t s = 0; s < m; ++s) {
+          const T* kr = kp + (t0 + s) * H;
+          float dot = 0;
+          for (int64_t h = 0; h < H; ++h) dot += qp[g * H + h] * ToFloat(kr[h]);
+          l[s] = dot * scale * (ks != nullptr ? ks[t0 + s] : 1.0f);
+        }
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) NarrowSoftmax(logits.data() + g * n, n, vs);
+    // out[g] = sum_s probs[g, s] v[s]: per tile of keys, per pair of head-dim vectors, per kGC
+    // heads; the tile stays in L1 for the passes after the first.
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+      const int64_t m = std::min(tile, n - t0);
+      if (fast == nullptr) {
+        for (int64_t s = 0; s < m; ++s) {
+          const T* vr = vp + (t0 + s) * H;
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = logits[g * n + t0 + s];
+            for (int64_t h = 0; h < H; ++h) op[g * H + h] += p * ToFloat(vr[h]);
+          }
+        }
+        continue;
+      }
+      for (int64_t h0 = 0; h0 < H; h0 += 2 * kN) {
+        const int hc = H - h0 >= 2 * kN ? 2 : 1;
+        for (int64_t g0 = 0; g0 < G; g0 += kGC) {
+          const int gc = int(std::min<int64_t>(kGC, G - g0));
+          kWeightedSum<T>[hc - 1][gc - 1](logits.data() + g0 * n + t0, n, m, vp + t0 * H + h0, H,
+                                          op + g0 * H + h0);
+        }
+      }
+    }
+  }
+};
+
+// The shapes both variants expect: q [B, K, G, H], k/v [B, K, S, H], start/end [B] and, for
+// int8, k_scale / v_scale [B, K, S].
+ffi::Error CheckShapes(const char* name, ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
+                       ffi::Span<const int64_t> vd, ffi::Span<const int64_t> sd, ffi::Span<const int64_t> ed,
+                       const ffi::Span<const int64_t>* scales = nullptr) {
+  bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && kd[0] == qd[0] && kd[1] == qd[1] &&
+            kd[3] == qd[3] && std::equal(kd.begin(), kd.end(), vd.begin()) && sd.size() == 1 &&
+            sd[0] == qd[0] && ed.size() == 1 && ed[0] == qd[0];
+  for (int i = 0; ok && scales != nullptr && i < 2; ++i)
+    ok = scales[i].size() == 3 && std::equal(scales[i].begin(), scales[i].end(), kd.begin());
+  if (ok) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(name) + ": expects q [B, K, G, H], k/v [B, K, S, H], start/end [B]" +
+                                     (scales != nullptr ? ", k_scale/v_scale [B, K, S]" : ""));
+}
+
+template <typename T>
+void RunNarrow(ffi::ThreadPool& pool, const float* q, const T* k, const T* v, const float* k_scale,
+               const float* v_scale, const int32_t* start, const int32_t* end, float* out,
+               ffi::Span<const int64_t> qd, int64_t S, float scale) {
+  const NarrowProblem<T> p{q, k, v, k_scale, v_scale, start, end, out, qd[0], qd[1], qd[2], S, qd[3], scale};
+  mmjax_pool::ParallelFor(pool, p.B * p.K, [&p](int64_t t) {
+    thread_local std::vector<float> logits;
+    p.Task(t, logits);
+  });
+}
+
+ffi::Error DecodeAttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
+                               ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end,
+                               ffi::ResultBuffer<ffi::F32> out, float scale) {
+  if (auto e = CheckShapes("mmjax_decode_attention_bf16", q.dimensions(), k.dimensions(), v.dimensions(),
+                           start.dimensions(), end.dimensions());
+      e.failure())
+    return e;
+  RunNarrow<uint16_t>(pool, q.typed_data(), k.typed_data(),
+                      v.typed_data(), nullptr, nullptr, start.typed_data(),
+                      end.typed_data(), out->typed_data(), q.dimensions(), k.dimensions()[2], scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
+                             ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
+                             ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end,
+                             ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const ffi::Span<const int64_t> scales[2] = {k_scale.dimensions(), v_scale.dimensions()};
+  if (auto e = CheckShapes("mmjax_decode_attention_s8", q.dimensions(), k.dimensions(), v.dimensions(),
+                           start.dimensions(), end.dimensions(), scales);
+      e.failure())
+    return e;
+  RunNarrow<int8_t>(pool, q.typed_data(), k.typed_data(), v.typed_data(), k_scale.typed_data(),
+                    v_scale.typed_data(), start.typed_data(), end.typed_data(), out->typed_data(), q.dimensions(),
+                    k.dimensions()[2], scale);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionBF16, DecodeAttentionBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionS8, DecodeAttentionS8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
