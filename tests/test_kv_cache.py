@@ -81,3 +81,32 @@ def test_engine_pools_in_a_narrow_dtype_answer_as_generate(tiny_llava, dtype):
     assert pools["k"].dtype == jnp.dtype(dtype) and (("k_scale" in pools) == (dtype == "int8"))
     per_token = sum(a.nbytes for a in pools.values()) / (pools["k"].shape[1] * pools["k"].shape[2])
     assert per_token < (0.55 if dtype == "bfloat16" else 0.4) * 2 * pools["k"].shape[0] * pools["k"].shape[3] * 4
+
+
+@pytest.mark.parametrize("dtype, target", [("bfloat16", "mmjax_decode_attention_bf16"),
+                                           ("int8", "mmjax_decode_attention_s8")])
+def test_a_narrow_cache_reaches_the_cpu_kernel_unwidened(dtype, target):
+    """Static cache (attention, BKSH) and paged pools alike: the C++ kernel reads the narrow
+    cache itself; no float copy of it is made first (no convert of a cache-sized array)."""
+    import jax
+
+    from mmjax.kernels.attention import attention
+    from mmjax.kernels.cpu import ffi
+    from mmjax.kernels.paged_attention import paged_attention
+
+    if not ffi.available():
+        pytest.fail(f"the C++ CPU kernels did not build: {ffi.error()}")
+    B, K, G, S, H, P, Z = 2, 2, 2, 64, 16, 9, 8
+    q = jax.ShapeDtypeStruct((B, 1, K * G, H), jnp.float32)
+    store = jnp.int8 if dtype == "int8" else jnp.bfloat16
+    scales = (lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)) if dtype == "int8" else (lambda *s: None)
+    mask = MaskSpec(causal=True, kv_lengths=jnp.full((B,), 5, jnp.int32), q_offset=jnp.full((B,), 4, jnp.int32))
+    static = jax.jit(lambda q, k, v, ks, vs: attention(q, k, v, mask, kv_layout="BKSH", k_scale=ks, v_scale=vs)).lower(
+        q, *[jax.ShapeDtypeStruct((B, K, S, H), store)] * 2, scales(B, K, S), scales(B, K, S)).as_text()
+    paged = jax.jit(lambda q, k, v, t, n, ks, vs: paged_attention(q, k, v, t, n, k_scales=ks, v_scales=vs)).lower(
+        q, *[jax.ShapeDtypeStruct((K, P, Z, H), store)] * 2, jax.ShapeDtypeStruct((B, 4), jnp.int32),
+        jax.ShapeDtypeStruct((B,), jnp.int32), scales(K, P, Z), scales(K, P, Z)).as_text()
+    narrow = "i8" if dtype == "int8" else "bf16"
+    for text, shape in ((static, f"{B}x{K}x{S}x{H}"), (paged, f"{B}x{K}x{4 * Z}x{H}")):
+        assert text.count(target) == 1
+        assert f"(tensor<{shape}x{narrow}>) -> tensor<{shape}xf32>" not in text  # no widened copy

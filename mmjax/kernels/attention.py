@@ -75,22 +75,46 @@ def attention(
 ) -> jax.Array:  # [B, T, N, H] in q's dtype
     if (k_scale is None) != (v_scale is None) or (k_scale is not None and kv_layout != "BKSH"):
         raise InputError("attention: k_scale and v_scale come together, with an int8 BKSH cache")
-    if k_scale is not None:  # the float kernels read floats: the int8 cache is widened first
-        k, v = kv_cache.dequantize(k, k_scale, q.dtype), kv_cache.dequantize(v, v_scale, q.dtype)
-    elif k.dtype != q.dtype:  # a cache stored narrower than the model (kv_cache_dtype="bfloat16")
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
     if kv_layout not in ("BSKH", "BKSH"):
         raise InputError(f"attention: kv_layout={kv_layout!r} is not 'BSKH' or 'BKSH'")
     if not isinstance(kernels, KernelPolicy):
         raise InputError(f"attention: kernels={kernels!r} is not a KernelPolicy")
     kb, vb = (k, v) if kv_layout == "BSKH" else (_bskh(k), _bskh(v))
-    check_qkv(q, kb, vb)
+    narrow = k_scale is not None or k.dtype != q.dtype  # a cache stored as int8 / narrower than the model
+    # shapes as the float kernels see them (a narrow cache is widened to q's dtype for them)
+    widened = [jax.ShapeDtypeStruct(x.shape, q.dtype) for x in (kb, vb)] if narrow else (kb, vb)
+    check_qkv(q, *widened)
     mask.check(q.shape[0], q.shape[1], kb.shape[1])
-    plan = functools.partial(_plan, kernels, q, kb, mask, scale, kv_layout)
-    return dispatch(kernels, plan, q, k, v, mask)
+    plan = functools.partial(_plan, kernels, q, kb, mask, scale, kv_layout, narrow, k_scale, v_scale)
+    return dispatch(kernels, plan, q, k, v, mask, k_scale, v_scale)
 
 
-def _plan(kernels: KernelPolicy, q, kb, mask: MaskSpec, scale, kv_layout: str, platform: str | None):
+def _widen(fn):
+    """fn(q, k, v, mask) of a float kernel -> fn(q, k, v, mask, k_scale, v_scale) over a narrow
+    cache (int8 + scales, or a dtype narrower than q's), widened to q's dtype first."""
+    def run(q, k, v, mask, k_scale, v_scale):
+        if k_scale is not None:
+            k, v = kv_cache.dequantize(k, k_scale, q.dtype), kv_cache.dequantize(v, v_scale, q.dtype)
+        return fn(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    return run
+
+
+def _plan(kernels: KernelPolicy, q, kb, mask: MaskSpec, scale, kv_layout: str, narrow: bool, k_scale, v_scale,
+          platform: str | None):
+    """(key, fn(q, k, v, mask, k_scale, v_scale)) for one lowering platform. The C++ decode kernel
+    reads float32, bfloat16 and int8(+scales) caches itself; every other kernel gets floats."""
+    if platform is not None and kernels.attention(platform) == "cpu" and kv_layout == "BKSH" \
+            and cpu_decode.eligible(q, kb, kb, mask, k_scale, v_scale):
+        return ("cpu_decode",), functools.partial(_cpu_decode, scale=scale)
+    if narrow:
+        key, fn = _plan_float(kernels, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                              jax.ShapeDtypeStruct(kb.shape, q.dtype), mask, scale, kv_layout, platform)
+        return key, _widen(fn)
+    key, fn = _plan_float(kernels, q, kb, mask, scale, kv_layout, platform)
+    return key, (lambda q, k, v, m, ks, vs: fn(q, k, v, m))
+
+
+def _plan_float(kernels: KernelPolicy, q, kb, mask: MaskSpec, scale, kv_layout: str, platform: str | None):
     """(key, fn(q, k, v, mask)) for one lowering platform (None: any platform not traced).
     q, kb ([B, S, K, H] shape) and mask are this call's, for the static eligibility checks."""
     xla = ("xla",), lambda q, k, v, m: xla_attention(q, k, v, m, scale, kv_layout)
@@ -131,9 +155,9 @@ def _with_xla_vjp(kernel, *, scale, kv_layout):
     return f
 
 
-def _cpu_decode(q, k, v, mask, *, scale):  # k/v [B, K, S, H]
+def _cpu_decode(q, k, v, mask, k_scale=None, v_scale=None, *, scale):  # k/v [B, K, S, H]
     start, end = decode_range(mask, q.shape[0], k.shape[2])
-    return cpu_decode.decode_attention_cpu(q, k, v, start, end, scale)
+    return cpu_decode.decode_attention_cpu(q, k, v, start, end, scale, k_scale, v_scale)
 
 
 def _cpu_prefill(q, k, v, mask, *, scale):  # k/v [B, S, K, H]

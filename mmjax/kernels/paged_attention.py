@@ -85,59 +85,52 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *, kernels: Kern
         raise InputError("paged_attention: k_scales and v_scales come together")
     lengths = lengths.astype(jnp.int32)
     block_tables = block_tables.astype(jnp.int32)
-    if k_scales is None and k_pages.dtype == q.dtype:
-        plan = functools.partial(_plan, kernels, q, k_pages, scale, False)
-        return dispatch(kernels, plan, q, k_pages, v_pages, block_tables, lengths)
-    if k_scales is None:  # pools stored narrower than the model (bfloat16): widened like int8 with scale 1
-        k_scales = v_scales = jnp.ones(k_pages.shape[:3], jnp.float32)
-    plan = functools.partial(_plan, kernels, q, k_pages, scale, True)
+    plan = functools.partial(_plan, kernels, q, k_pages, scale, k_scales)
     return dispatch(kernels, plan, q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales)
 
 
-def _widened(fn, q):
-    """fn(q, k, v, tables, lengths) over int8 pools + scales: the pools widened to q's dtype first."""
+def _widen(fn):
+    """fn over float pools -> fn over narrow pools (int8 + scales, or narrower than q), widened first."""
     def run(q, k, v, tables, lengths, ks, vs):
-        from mmjax.kernels.kv_cache import dequantize
-        return fn(q, dequantize(k, ks, q.dtype), dequantize(v, vs, q.dtype), tables, lengths)
+        if ks is not None:
+            from mmjax.kernels.kv_cache import dequantize
+            k, v = dequantize(k, ks, q.dtype), dequantize(v, vs, q.dtype)
+        return fn(q, k.astype(q.dtype), v.astype(q.dtype), tables, lengths)
     return run
 
 
-def _plan(kernels: KernelPolicy, q, k_pages, scale, quantized: bool, platform: str | None):
-    key, fn = _plan_float(kernels, q, k_pages, scale, quantized, platform)
-    if quantized and key[0] != "triton":  # the GPU kernel takes the scales itself
-        return key, _widened(fn, q)
-    return key, fn
-
-
-def _plan_float(kernels: KernelPolicy, q, k_pages, scale, quantized: bool, platform: str | None):
-    xla = ("xla",), functools.partial(_xla, scale=scale)
+def _plan(kernels: KernelPolicy, q, k_pages, scale, k_scales, platform: str | None):
+    """(key, fn(q, k, v, tables, lengths, k_scales, v_scales)). The C++ decode kernel (after the
+    gather) and the GPU kernel read narrow pools themselves; the others get floats."""
     choice = "xla" if platform is None else kernels.attention(platform)
-    if choice == "xla":
-        return xla
+    narrow = k_scales is not None or k_pages.dtype != q.dtype
+    B, _, N, H = q.shape
     if choice == "cpu":
-        B, _, N, H = q.shape
-        dtype = q.dtype if quantized else k_pages.dtype  # int8 / narrower pools reach the kernel widened
-        kv = jax.ShapeDtypeStruct((B, k_pages.shape[0], 1, H), dtype)  # the gathered [B, K, S, H]
-        if cpu_decode.eligible(q, kv, kv,
-                               MaskSpec(causal=True, kv_lengths=jnp.zeros((B,), jnp.int32))):
+        kv = jax.ShapeDtypeStruct((B, k_pages.shape[0], 1, H), k_pages.dtype)  # the gathered [B, K, S, H]
+        sc = None if k_scales is None else jax.ShapeDtypeStruct((B, k_pages.shape[0], 1), k_scales.dtype)
+        if cpu_decode.eligible(q, kv, kv, MaskSpec(causal=True, kv_lengths=jnp.zeros((B,), jnp.int32)), sc, sc):
             return ("cpu",), functools.partial(_cpu, scale=scale)
-        return xla
-    if platform == "tpu":
-        if q.shape[3] % LANES == 0 and k_pages.shape[2] % 8 == 0:
-            return ("tpu",), functools.partial(_tpu, scale=scale)
-        return xla
-    if platform == "cpu":  # "pallas" on CPU: the GPU kernel in interpret mode
+    elif choice == "pallas" and platform not in ("tpu", "cpu") and (k_scales is not None or not narrow):
+        return ("triton", False), functools.partial(_gpu, scale=scale, interpret=False)
+    elif choice == "pallas" and platform == "cpu" and (k_scales is not None or not narrow):
         return ("triton", True), functools.partial(_gpu, scale=scale, interpret=True)
-    return ("triton", False), functools.partial(_gpu, scale=scale, interpret=False)
+    elif choice == "pallas" and platform == "tpu" and q.shape[3] % LANES == 0 and k_pages.shape[2] % 8 == 0:
+        fn = functools.partial(_tpu, scale=scale)
+        return ("tpu",), (_widen(fn) if narrow else (lambda q, k, v, t, n, ks, vs: fn(q, k, v, t, n)))
+    fn = functools.partial(_xla, scale=scale)
+    return ("xla",), (_widen(fn) if narrow else (lambda q, k, v, t, n, ks, vs: fn(q, k, v, t, n)))
 
 
 def _xla(q, k_pages, v_pages, block_tables, lengths, *, scale):
     return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale)
 
 
-def _cpu(q, k_pages, v_pages, block_tables, lengths, *, scale):
+def _cpu(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None, *, scale):
     k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
-    return cpu_decode.decode_attention_cpu(q, k, v, jnp.zeros_like(lengths), lengths, scale)
+    ks = vs = None
+    if k_scales is not None:  # [K, P, Z] -> [B, K, S], gathered like the pages
+        ks, vs = (gather_pages(x[..., None], block_tables)[..., 0] for x in (k_scales, v_scales))
+    return cpu_decode.decode_attention_cpu(q, k, v, jnp.zeros_like(lengths), lengths, scale, ks, vs)
 
 
 def _scaled(q, scale):  # the Pallas paged kernels take q already scaled, [B, N, H]
