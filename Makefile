@@ -14,14 +14,19 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements.lock
 	$(VPY) -m pip install -q --no-deps -e .
-	$(VPY) -c "import jax, flax, orbax.checkpoint, torch, transformers, tokenizers, safetensors, PIL, jinja2, hypothesis, fastapi, uvicorn, pydantic, prometheus_client, openai"
+	$(VPY) -c "import jax, flax, orbax.checkpoint, torch, transformers, tokenizers, safetensors, PIL, jinja2, hypothesis, fastapi, uvicorn, pydantic, prometheus_client, openai, xdist"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VPY) -m mmjax.demo
 
+# Two pytest workers (pytest-xdist), each file on one worker (its module fixtures built once):
+# the suite is mostly single-threaded compiles, so two workers use both CI cores.
+# TEST_WORKERS=0 runs in one process; more workers need ~3 GB of memory each.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VPY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(VPY) -m pytest -q tests $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # docs/components.md is generated from the config dataclasses' field comments
 docs: $(STAMP)
