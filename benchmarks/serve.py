@@ -57,10 +57,20 @@ def drive(eng, reqs, *, concurrency=None, arrivals=None):
     return time.perf_counter() - t0, times, added, final
 
 
+T0 = time.perf_counter()
+
+
+def say(msg):
+    """Progress on stderr as each phase ends (the full run takes tens of minutes on 2 cores)."""
+    import sys
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def summarize(name, wall, times, added):
     ttft = [times[i][0] - added[i] for i in times if times[i]]
     itl = [b - a for i in times for a, b in zip(times[i], times[i][1:])]
     n = sum(len(t) for t in times.values())
+    say(f"{name}: {n} tokens in {wall:.1f} s ({n / wall:.1f} tok/s)")
     return (name, n / wall, pct(ttft, 50), pct(ttft, 99), pct(itl, 50) * 1e3, pct(itl, 99) * 1e3)
 
 
@@ -88,6 +98,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(flax_dir):
         convert(hf_dir, flax_dir, progress=False)
     model = mmjax.load(flax_dir)
+    say("model converted and loaded")
     n = 8 if args.quick else args.requests
     rng = np.random.default_rng(0)
     size = model.config.vision.image_size
@@ -101,6 +112,7 @@ def main(argv=None) -> int:
     # one by one, mmjax.generate (compiles first: one warm-up per prompt bucket it meets)
     for imgs, prompt, new in specs:
         mmjax.generate(model, imgs, prompt, **{**kw(new), "max_new_tokens": 2, "min_new_tokens": 2})
+    say(f"mmjax.generate warmed up on {n} prompts")
     alone, times, added = [], {}, {}
     t0 = time.perf_counter()
     for i, (imgs, prompt, new) in enumerate(specs):
@@ -135,6 +147,7 @@ def main(argv=None) -> int:
     eng = ServingEngine(model, max_num_seqs=16, page_size=16)
     make = lambda: [eng.make_request(imgs, prompt, **kw(new)) for imgs, prompt, new in specs]  # noqa: E731
     drive(eng, make()[: min(n, 16)], concurrency=16)  # compile the buckets this mix meets
+    say(f"engine warmed up: {eng.steps.compiled()}")
     same = True
     for c in [int(x) for x in args.concurrency.split(",")]:
         reqs = make()
@@ -163,6 +176,7 @@ def main(argv=None) -> int:
         eng.step()
         if full:
             paged.append(time.perf_counter() - t)
+    say("decode step timed")
     static_ms, paged_ms = statistics.median(static) * 1e3, statistics.median(paged) * 1e3
 
     print(f"\n{n} requests; greedy answers of the engine identical to one by one: {same}")
