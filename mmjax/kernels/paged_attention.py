@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from mmjax.errors import InputError
 from mmjax.kernels.cpu import decode_attention as cpu_decode
+from mmjax.kernels.cpu import write_rows as cpu_write_rows
 from mmjax.kernels.mask import MaskSpec
 from mmjax.kernels.policy import KernelPolicy, dispatch
 from mmjax.kernels.reference import softmax_attention
@@ -36,13 +37,29 @@ DEFAULT = KernelPolicy()
 LANES = 128  # TPU kernel: head dim a multiple of the lane width
 
 
-def write_pages(pages, new, slots):
+def write_pages(pages, new, slots, kernels: KernelPolicy = DEFAULT):
     """pages [K, P, Z, H] <- new [B, T, K, H] at flat slots [B, T] (page * Z + offset); in place
-    when donated. Slots of padding tokens point into the null page 0."""
+    when donated. Slots of padding tokens point into the null page 0. bfloat16 / float16 pools on
+    CPU are written by mmjax.kernels.cpu.write_rows when `kernels` lets the CPU kernels run
+    (XLA:CPU widens a 16-bit scatter to float32, converting the whole pool)."""
     K, P, Z, H = pages.shape
-    flat = pages.reshape(K, P * Z, H)
     upd = new.reshape(-1, K, H).swapaxes(0, 1).astype(pages.dtype)  # [K, B*T, H]
-    return flat.at[:, slots.reshape(-1)].set(upd, mode="promise_in_bounds").reshape(K, P, Z, H)
+    slots = slots.reshape(-1).astype(jnp.int32)
+
+    def xla(pages, upd, slots):
+        flat = pages.reshape(K, P * Z, H)
+        return flat.at[:, slots].set(upd, mode="promise_in_bounds").reshape(K, P, Z, H)
+
+    def rows(pages, upd, slots):  # the same write as rows of pages.reshape(K*P*Z, H)
+        r = jnp.arange(K, dtype=jnp.int32)[:, None] * (P * Z) + slots[None, :]
+        return cpu_write_rows.write_rows(pages, upd.reshape(-1, H), r.reshape(-1))
+
+    def plan(platform):
+        if platform is not None and kernels.attention(platform) == "cpu" and cpu_write_rows.eligible(pages.dtype):
+            return ("cpu_write_rows",), rows
+        return ("xla",), xla
+
+    return dispatch(kernels, plan, pages, upd, slots)
 
 
 def gather_pages(pages, block_tables):

@@ -14,30 +14,50 @@ import jax.numpy as jnp
 
 from mmjax.kernels.attention import MaskSpec, attention
 from mmjax.kernels import kv_cache
+from mmjax.kernels.cpu import write_rows as cpu_write_rows
 from mmjax.kernels.paged_attention import paged_attention, write_pages
-from mmjax.kernels.policy import KernelPolicy
+from mmjax.kernels.policy import KernelPolicy, dispatch
 from mmjax.layers.linear import Einsum
 from mmjax.layers.rope import apply_rope
 
 __all__ = ["Attention", "store_kv", "write_cache"]
 
 
-def write_cache(cache, new, index):
+def write_cache(cache, new, index, kernels: KernelPolicy = KernelPolicy()):
     """cache [B, K, S, H] <- new [B, T, K, H] at per-row offsets index [B] (in place when donated).
 
     The cache keeps S next to H ("BKSH") so that decode attention contracts it without a
     transpose: with [B, S, K, H], XLA on CPU copied every layer's whole cache every step.
     One row (the latency case) is a plain dynamic_update_slice, done in place; several rows
     are vmap(dynamic_update_slice), a scatter that the SPMD partitioner splits over `data`
-    (a loop over rows made it all-gather the cache)."""
+    (a loop over rows made it all-gather the cache). A bfloat16 / float16 cache on CPU is
+    written by mmjax.kernels.cpu.write_rows instead (XLA:CPU widens those writes to float32,
+    converting the whole cache), when `kernels` lets the CPU kernels run."""
     upd = new.swapaxes(1, 2).astype(cache.dtype)  # [B, K, T, H]
-    if cache.shape[0] == 1:
-        return jax.lax.dynamic_update_slice(cache, upd, (0, 0, index[0], 0))
 
-    def one(c, n, i):  # c [K, S, H], n [K, T, H]
-        return jax.lax.dynamic_update_slice(c, n, (0, i, 0))
+    def xla(cache, upd, index):
+        if cache.shape[0] == 1:
+            return jax.lax.dynamic_update_slice(cache, upd, (0, 0, index[0], 0))
 
-    return jax.vmap(one)(cache, upd, index)
+        def one(c, n, i):  # c [K, S, H], n [K, T, H]
+            return jax.lax.dynamic_update_slice(c, n, (0, i, 0))
+
+        return jax.vmap(one)(cache, upd, index)
+
+    def rows(cache, upd, index):  # the same write as rows of cache.reshape(B*K*S, H)
+        B, K, S, H = cache.shape
+        T = upd.shape[2]
+        start = jnp.clip(index.astype(jnp.int32), 0, S - T)  # dynamic_update_slice's clamping
+        r = (jnp.arange(B * K, dtype=jnp.int32).reshape(B, K, 1) * S + start[:, None, None]
+             + jnp.arange(T, dtype=jnp.int32))
+        return cpu_write_rows.write_rows(cache, upd.reshape(B * K * T, H), r.reshape(-1))
+
+    def plan(platform):
+        if platform is not None and kernels.attention(platform) == "cpu" and cpu_write_rows.eligible(cache.dtype):
+            return ("cpu_write_rows",), rows
+        return ("xla",), xla
+
+    return dispatch(kernels, plan, cache, upd, index)
 
 
 def store_kv(cache, k, v, write):
@@ -83,7 +103,7 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None and "block_tables" in cache:
-            new_cache = store_kv(cache, k, v, lambda buf, new: write_pages(buf, new, cache["slots"]))
+            new_cache = store_kv(cache, k, v, lambda buf, new: write_pages(buf, new, cache["slots"], self.kernels))
             out = paged_attention(q, new_cache["k"], new_cache["v"], cache["block_tables"], mask.kv_lengths,
                                   kernels=self.kernels, k_scales=new_cache.get("k_scale"),
                                   v_scales=new_cache.get("v_scale"))
@@ -91,7 +111,7 @@ class Attention(nn.Module):
             new_cache = {"k": k, "v": v}
             out = attention(q, k, v, mask, kernels=self.kernels)  # [B, T, N, H]
         else:
-            new_cache = store_kv(cache, k, v, lambda buf, new: write_cache(buf, new, write_index))
+            new_cache = store_kv(cache, k, v, lambda buf, new: write_cache(buf, new, write_index, self.kernels))
             out = attention(q, new_cache["k"], new_cache["v"], mask, kernels=self.kernels, kv_layout="BKSH",
                             k_scale=new_cache.get("k_scale"), v_scale=new_cache.get("v_scale"))
         y = Einsum((N, H, D), "BTNH,NHD->BTD", (D,) if self.o_bias else None, self.dtype, name="o",

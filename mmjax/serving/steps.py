@@ -92,7 +92,9 @@ class PagedSteps:
             return mod.logits(last)[:, 0], kv, pos_offset
 
         logits, kv, pos_offset = self.module.apply({"params": params}, method=run)
-        pools = [store_kv(p, c["k"], c["v"], lambda buf, new: write_pages(buf, new, slots)) for p, c in zip(pools, kv)]
+        kernels = self.module.cfg.decoder.kernels  # the decoder's policy decides how its pools are written
+        pools = [store_kv(p, c["k"], c["v"], lambda buf, new: write_pages(buf, new, slots, kernels))
+                 for p, c in zip(pools, kv)]
         return self._pin(pools), select_rows(logits, rows, greedy), pos_offset.astype(jnp.int32)
 
     def _decode(self, params, pools, last, index, pos_offset, slots, block_tables, rows: RowArgs, *, greedy: bool):
