@@ -38,24 +38,25 @@ LANES = 128  # TPU kernel: head dim a multiple of the lane width
 
 
 def write_pages(pages, new, slots, kernels: KernelPolicy = DEFAULT):
-    """pages [K, P, Z, H] <- new [B, T, K, H] at flat slots [B, T] (page * Z + offset); in place
-    when donated. Slots of padding tokens point into the null page 0. bfloat16 / float16 pools on
-    CPU are written by mmjax.kernels.cpu.write_rows when `kernels` lets the CPU kernels run
-    (XLA:CPU widens a 16-bit scatter to float32, converting the whole pool)."""
-    K, P, Z, H = pages.shape
-    upd = new.reshape(-1, K, H).swapaxes(0, 1).astype(pages.dtype)  # [K, B*T, H]
+    """pages [K, P, Z, H] <- new [B, T, K, H] at flat slots [B, T] (page * Z + offset); also an
+    int8 pool's scales, [K, P, Z] <- [B, T, K]. In place when donated. Slots of padding tokens
+    point into the null page 0. On CPU (when `kernels` lets the CPU kernels run)
+    mmjax.kernels.cpu.write_rows writes the rows: XLA:CPU expands this scatter into a loop that
+    copies the pool, and widens a bfloat16 one to float32."""
+    K, P, Z = pages.shape[:3]
+    upd = new.reshape(-1, K, *new.shape[3:]).swapaxes(0, 1).astype(pages.dtype)  # [K, B*T(, H)]
     slots = slots.reshape(-1).astype(jnp.int32)
 
     def xla(pages, upd, slots):
-        flat = pages.reshape(K, P * Z, H)
-        return flat.at[:, slots].set(upd, mode="promise_in_bounds").reshape(K, P, Z, H)
+        flat = pages.reshape(K, P * Z, *pages.shape[3:])
+        return flat.at[:, slots].set(upd, mode="promise_in_bounds").reshape(pages.shape)
 
     def rows(pages, upd, slots):  # the same write as rows of pages.reshape(K*P*Z, H)
         r = jnp.arange(K, dtype=jnp.int32)[:, None] * (P * Z) + slots[None, :]
-        return cpu_write_rows.write_rows(pages, upd.reshape(-1, H), r.reshape(-1))
+        return cpu_write_rows.write_rows(pages, upd.reshape(r.size, -1), r.reshape(-1))
 
     def plan(platform):
-        if platform is not None and kernels.attention(platform) == "cpu" and cpu_write_rows.eligible(pages.dtype):
+        if platform is not None and kernels.attention(platform) == "cpu" and cpu_write_rows.eligible():
             return ("cpu_write_rows",), rows
         return ("xla",), xla
 

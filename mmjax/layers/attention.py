@@ -24,18 +24,25 @@ __all__ = ["Attention", "store_kv", "write_cache"]
 
 
 def write_cache(cache, new, index, kernels: KernelPolicy = KernelPolicy()):
-    """cache [B, K, S, H] <- new [B, T, K, H] at per-row offsets index [B] (in place when donated).
+    """cache [B, K, S, H] <- new [B, T, K, H] at per-row offsets index [B] (in place when donated);
+    also an int8 cache's scales, cache [B, K, S] <- new [B, T, K].
 
     The cache keeps S next to H ("BKSH") so that decode attention contracts it without a
     transpose: with [B, S, K, H], XLA on CPU copied every layer's whole cache every step.
-    One row (the latency case) is a plain dynamic_update_slice, done in place; several rows
-    are vmap(dynamic_update_slice), a scatter that the SPMD partitioner splits over `data`
-    (a loop over rows made it all-gather the cache). A bfloat16 / float16 cache on CPU is
-    written by mmjax.kernels.cpu.write_rows instead (XLA:CPU widens those writes to float32,
-    converting the whole cache), when `kernels` lets the CPU kernels run."""
-    upd = new.swapaxes(1, 2).astype(cache.dtype)  # [B, K, T, H]
+    On CPU (when `kernels` lets the CPU kernels run) mmjax.kernels.cpu.write_rows writes the rows
+    in place: XLA:CPU widens a bfloat16 write to float32, converting the whole cache. Elsewhere one
+    row (the latency case) is a plain dynamic_update_slice, done in place; several rows are
+    vmap(dynamic_update_slice), a scatter that the SPMD partitioner splits over `data` (a loop
+    over rows made it all-gather the cache)."""
+    scales = cache.ndim == 3
+    upd = new.swapaxes(1, 2).astype(cache.dtype)  # [B, K, T(, H)]
 
     def xla(cache, upd, index):
+        if scales:
+            return xla4(cache[..., None], upd[..., None], index)[..., 0]
+        return xla4(cache, upd, index)
+
+    def xla4(cache, upd, index):
         if cache.shape[0] == 1:
             return jax.lax.dynamic_update_slice(cache, upd, (0, 0, index[0], 0))
 
@@ -45,15 +52,15 @@ def write_cache(cache, new, index, kernels: KernelPolicy = KernelPolicy()):
         return jax.vmap(one)(cache, upd, index)
 
     def rows(cache, upd, index):  # the same write as rows of cache.reshape(B*K*S, H)
-        B, K, S, H = cache.shape
+        B, K, S = cache.shape[:3]
         T = upd.shape[2]
         start = jnp.clip(index.astype(jnp.int32), 0, S - T)  # dynamic_update_slice's clamping
         r = (jnp.arange(B * K, dtype=jnp.int32).reshape(B, K, 1) * S + start[:, None, None]
              + jnp.arange(T, dtype=jnp.int32))
-        return cpu_write_rows.write_rows(cache, upd.reshape(B * K * T, H), r.reshape(-1))
+        return cpu_write_rows.write_rows(cache, upd.reshape(B * K * T, -1), r.reshape(-1))
 
     def plan(platform):
-        if platform is not None and kernels.attention(platform) == "cpu" and cpu_write_rows.eligible(cache.dtype):
+        if platform is not None and kernels.attention(platform) == "cpu" and cpu_write_rows.eligible():
             return ("cpu_write_rows",), rows
         return ("xla",), xla
 
@@ -62,13 +69,12 @@ def write_cache(cache, new, index, kernels: KernelPolicy = KernelPolicy()):
 
 def store_kv(cache, k, v, write):
     """The cache layer with this call's k/v [B, T, K, H] written by write(buffer, new) (int8:
-    quantized, scales beside)."""
+    quantized, the scales [.., S] written by the same write)."""
     if not kv_cache.is_quantized(cache):
         return {**cache, "k": write(cache["k"], k), "v": write(cache["v"], v)}
     (kq, ks), (vq, vs) = kv_cache.quantize(k), kv_cache.quantize(v)
-    wscale = lambda buf, new: write(buf[..., None], new[..., None])[..., 0]  # noqa: E731  [.., S] via [.., S, 1]
     return {**cache, "k": write(cache["k"], kq), "v": write(cache["v"], vq),
-            "k_scale": wscale(cache["k_scale"], ks), "v_scale": wscale(cache["v_scale"], vs)}
+            "k_scale": write(cache["k_scale"], ks), "v_scale": write(cache["v_scale"], vs)}
 
 
 class Attention(nn.Module):

@@ -1,12 +1,13 @@
-// In-place row writes for XLA:CPU: buf[rows[m], :] = upd[m, :] for m < M, buf [..., C] (rows
-// counted over its leading dims flattened, R of them) and upd
-// [M, C] of one 16-bit dtype (bfloat16 / float16 KV caches and page pools), rows [M] int32.
-// The result aliases buf (input_output_aliases), so only M rows of memory are touched.
+// In-place row writes for XLA:CPU: row rows[m] of buf, viewed as [R, C] (C = the attribute `row`,
+// R = its elements / C), is set to upd[m, :] for m < M; upd [M, C] of buf's dtype, rows [M]
+// int32. The result aliases buf (input_output_aliases), so only M rows of memory are touched.
+// KV caches and page pools of every dtype, and an int8 cache's scales (C = 1), are written so.
 //
 // Why: XLA:CPU widens a bfloat16 dynamic_update_slice or scatter to float32, converting the whole
-// buffer to float32 and back around each write: the benchmark model's batch-8 decode step spent
-// 23 of its 25 ms converting its bfloat16 KV cache. A row whose index is outside [0, R) is not
-// written (as a scatter with mode="drop").
+// buffer to float32 and back around each write (23 of the 25 ms of the benchmark model's batch-8
+// bf16 decode step), and expands the page pools' scatter into a loop that copies the pool
+// three times a layer (a 1 GiB pool: 790 ms a serving decode step). A row whose index is outside
+// [0, R) is not written (as a scatter with mode="drop").
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -18,15 +19,15 @@ namespace ffi = xla::ffi;
 namespace {
 
 ffi::Error WriteRows(ffi::AnyBuffer buf, ffi::AnyBuffer upd, ffi::Buffer<ffi::S32> rows,
-                     ffi::Result<ffi::AnyBuffer> out) {
-  const auto bd = buf.dimensions(), ud = upd.dimensions(), rd = rows.dimensions();
-  if (bd.size() < 2 || ud.size() != 2 || rd.size() != 1 || ud[1] != bd[bd.size() - 1] || rd[0] != ud[0] ||
+                     ffi::Result<ffi::AnyBuffer> out, int64_t row) {
+  const auto ud = upd.dimensions(), rd = rows.dimensions();
+  const int64_t total = int64_t(buf.element_count());
+  if (row < 1 || total % row != 0 || ud.size() != 2 || ud[1] != row || rd.size() != 1 || rd[0] != ud[0] ||
       upd.element_type() != buf.element_type() || out->element_type() != buf.element_type())
-    return ffi::Error::InvalidArgument("mmjax_write_rows: expects buf [..., C], upd [M, C] of its dtype, rows [M]");
-  int64_t R = 1;
-  for (size_t i = 0; i + 1 < bd.size(); ++i) R *= bd[i];
-  const int64_t M = ud[0];
-  const size_t row_bytes = size_t(bd[bd.size() - 1]) * ffi::ByteWidth(buf.element_type());
+    return ffi::Error::InvalidArgument("mmjax_write_rows: expects buf of R x row elements, upd [M, row] of its "
+                                       "dtype, rows [M]");
+  const int64_t R = total / row, M = ud[0];
+  const size_t row_bytes = size_t(row) * ffi::ByteWidth(buf.element_type());
   char* dst = static_cast<char*>(out->untyped_data());
   if (dst != buf.untyped_data())  // XLA could not alias: start from a copy (never the case when donated)
     std::memcpy(dst, buf.untyped_data(), size_t(R) * row_bytes);
@@ -44,4 +45,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxWriteRows, WriteRows,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("row"));
