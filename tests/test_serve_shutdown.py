@@ -33,9 +33,9 @@ def _stream_in_background(srv, max_tokens: int):
 
 
 def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(tiny_llava):
-    with serve(tiny_llava.flax, "--api-key", API_KEY, "--shutdown-timeout", "3") as srv:
+    with serve(tiny_llava.flax, "--api-key", API_KEY, "--shutdown-timeout", "1") as srv:
         srv.client().completions.create(model=srv.model, prompt="warm", max_tokens=2, temperature=0)  # compiled
-        long_conn, long_events, long_done = _stream_in_background(srv, 1900)  # outlives the 3 s drain
+        long_conn, long_events, long_done = _stream_in_background(srv, 1900)  # outlives the 1 s drain
         short_conn, short_events, short_done = _stream_in_background(srv, 24)  # finishes within it
         deadline = time.monotonic() + 30
         while (not long_events or not short_events) and time.monotonic() < deadline:
