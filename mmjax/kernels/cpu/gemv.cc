@@ -47,10 +47,13 @@ constexpr int64_t kVec = mmjax_simd::kLanes;  // chunk widths are multiples of o
 // prefetches the rows about kAhead bytes of its own stream ahead, one cache line at a time
 // (at least the next pass). Without it the hardware prefetcher keeps too few lines in flight
 // for narrow weights: on the 2-core EPYC, 12 decoder layers (M = 1) streamed int8 at 9.3 GB/s
-// and bfloat16 at 13 GB/s, with it 18 and 23 GB/s (float32 23 -> 31 GB/s of ~35).
+// and bfloat16 at 13 GB/s, with it 18 and 23 GB/s (of ~35). Not for float32 (AheadRows).
 constexpr int64_t kAhead = 8192;
 template <typename W>
 int64_t AheadRows(int64_t len, int64_t step) {
+  // float32: none. 12 chained layers alone ran faster with it (23 -> 31 GB/s), the whole fp32
+  // decode step slower (batch 1: ~54 vs ~57 tok/s, three alternating A/B rounds).
+  if (std::is_same_v<W, float>) return 0;
   const int64_t r = (kAhead / int64_t(len * sizeof(W)) + step - 1) / step * step;
   return std::max<int64_t>(step, r);
 }
@@ -75,7 +78,7 @@ void Columns(const float* __restrict__ x, const W* __restrict__ w, float* __rest
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
     const W* __restrict__ w0 = w + k * N + n0;
-    const W* pf = k + ahead + 4 <= K ? w0 + ahead * N : nullptr;
+    const W* pf = ahead > 0 && k + ahead + 4 <= K ? w0 + ahead * N : nullptr;
     const W* __restrict__ w1 = w0 + N;
     const W* __restrict__ w2 = w1 + N;
     const W* __restrict__ w3 = w2 + N;
@@ -95,10 +98,9 @@ void Columns(const float* __restrict__ x, const W* __restrict__ w, float* __rest
       for (; n + kN <= len; n += kN)
         mmjax_simd::NStore(yp + n, NLoad(yp + n) + b0 * LoadW(w0 + n) + b1 * LoadW(w1 + n) + b2 * LoadW(w2 + n) +
                                        b3 * LoadW(w3 + n));
-    } else {
+    } else if (pf != nullptr) {  // float32: no prefetch (AheadRows), the plain loop below
       for (; n + L <= len; n += L) {
-        if (pf != nullptr)
-          for (int r = 0; r < 4; ++r) Prefetch(pf + r * N + n);
+        for (int r = 0; r < 4; ++r) Prefetch(pf + r * N + n);
         for (int64_t v = n; v < n + L; ++v)
           yp[v] += a0 * w0[v] + a1 * w1[v] + a2 * w2[v] + a3 * w3[v];
       }
@@ -134,7 +136,7 @@ void Rows(const float* __restrict__ x, const W* __restrict__ w, float* __restric
     int64_t k = 0;
     for (; k + kGroup <= K; k += kGroup) {
       const W* wk = w + k * N + b0;
-      const W* pf = k + ahead + kGroup <= K ? wk + ahead * N : nullptr;
+      const W* pf = ahead > 0 && k + ahead + kGroup <= K ? wk + ahead * N : nullptr;
       float a[M][kGroup];
       for (int m = 0; m < M; ++m)
         for (int g = 0; g < kGroup; ++g) a[m][g] = x[m * K + k + g];
