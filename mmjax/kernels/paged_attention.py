@@ -55,12 +55,7 @@ def write_pages(pages, new, slots, kernels: KernelPolicy = DEFAULT):
         r = jnp.arange(K, dtype=jnp.int32)[:, None] * (P * Z) + slots[None, :]
         return cpu_write_rows.write_rows(pages, upd.reshape(r.size, -1), r.reshape(-1))
 
-    def plan(platform):
-        if platform is not None and kernels.attention(platform) == "cpu" and cpu_write_rows.eligible():
-            return ("cpu_write_rows",), rows
-        return ("xla",), xla
-
-    return dispatch(kernels, plan, pages, upd, slots)
+    return cpu_write_rows.dispatch_write(kernels, rows, xla, pages, upd, slots)
 
 
 def gather_pages(pages, block_tables):

@@ -16,7 +16,7 @@ from mmjax.kernels.attention import MaskSpec, attention
 from mmjax.kernels import kv_cache
 from mmjax.kernels.cpu import write_rows as cpu_write_rows
 from mmjax.kernels.paged_attention import paged_attention, write_pages
-from mmjax.kernels.policy import KernelPolicy, dispatch
+from mmjax.kernels.policy import KernelPolicy
 from mmjax.layers.linear import Einsum
 from mmjax.layers.rope import apply_rope
 
@@ -59,12 +59,7 @@ def write_cache(cache, new, index, kernels: KernelPolicy = KernelPolicy()):
              + jnp.arange(T, dtype=jnp.int32))
         return cpu_write_rows.write_rows(cache, upd.reshape(B * K * T, -1), r.reshape(-1))
 
-    def plan(platform):
-        if platform is not None and kernels.attention(platform) == "cpu" and cpu_write_rows.eligible():
-            return ("cpu_write_rows",), rows
-        return ("xla",), xla
-
-    return dispatch(kernels, plan, cache, upd, index)
+    return cpu_write_rows.dispatch_write(kernels, rows, xla, cache, upd, index)
 
 
 def store_kv(cache, k, v, write):

@@ -98,12 +98,6 @@ void Columns(const float* __restrict__ x, const W* __restrict__ w, float* __rest
       for (; n + kN <= len; n += kN)
         mmjax_simd::NStore(yp + n, NLoad(yp + n) + b0 * LoadW(w0 + n) + b1 * LoadW(w1 + n) + b2 * LoadW(w2 + n) +
                                        b3 * LoadW(w3 + n));
-    } else if (pf != nullptr) {  // float32: no prefetch (AheadRows), the plain loop below
-      for (; n + L <= len; n += L) {
-        for (int r = 0; r < 4; ++r) Prefetch(pf + r * N + n);
-        for (int64_t v = n; v < n + L; ++v)
-          yp[v] += a0 * w0[v] + a1 * w1[v] + a2 * w2[v] + a3 * w3[v];
-      }
     }
     for (; n < len; ++n)
       yp[n] += a0 * ToFloat(w0[n]) + a1 * ToFloat(w1[n]) + a2 * ToFloat(w2[n]) + a3 * ToFloat(w3[n]);

@@ -23,14 +23,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.kernels.cpu import ffi
+from mmjax.kernels.policy import KernelPolicy, dispatch
 
-__all__ = ["TARGET", "eligible", "write_rows", "write_rows_reference"]
+__all__ = ["TARGET", "dispatch_write", "eligible", "write_rows", "write_rows_reference"]
 
 TARGET = "mmjax_write_rows"
 
 
 def eligible() -> bool:
     return ffi.available()
+
+
+def dispatch_write(kernels: KernelPolicy, rows, xla, *args):
+    """rows(*args) (a write through write_rows) in the CPU branch when the policy's attention_cpu
+    is "cpu" and the library is built, xla(*args) everywhere else: the one choice of
+    write_cache and write_pages."""
+    def plan(platform):
+        if platform is not None and kernels.attention(platform) == "cpu" and eligible():
+            return ("cpu_write_rows",), rows
+        return ("xla",), xla
+
+    return dispatch(kernels, plan, *args)
 
 
 def write_rows_reference(buf, new, rows):
