@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 
 from serve_process import API_KEY, serve
@@ -34,13 +35,18 @@ def _stream_in_background(srv, max_tokens: int):
 
 def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(tiny_llava):
     with serve(tiny_llava.flax, "--api-key", API_KEY, "--shutdown-timeout", "1") as srv:
-        srv.client().completions.create(model=srv.model, prompt="warm", max_tokens=2, temperature=0)  # compiled
+        # compile first what the drain will run (two rows, page buckets up to ~100 tokens): each new
+        # bucket compiles in ~1 s on a loaded CI machine, which would eat the short stream's drain
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: srv.client().completions.create(
+                model=srv.model, prompt="go on", max_tokens=96, temperature=0, extra_body={"min_tokens": 96}), range(2)))
         long_conn, long_events, long_done = _stream_in_background(srv, 1900)  # outlives the 1 s drain
-        short_conn, short_events, short_done = _stream_in_background(srv, 24)  # finishes within it
-        deadline = time.monotonic() + 30
-        while (not long_events or not short_events) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert long_events and short_events
+        short_conn, short_events, short_done = _stream_in_background(srv, 32)  # finishes within it
+        # SIGTERM once the short stream has streamed a few tokens: both streams are then decoding
+        deadline = time.monotonic() + 60
+        while len(short_events) < 8 and not short_done.is_set() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert long_events and 8 <= len(short_events) and not short_done.is_set(), len(short_events)
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
