@@ -10,8 +10,9 @@ masked by lengths.
 
 `paged_attention(q, k_pages, v_pages, block_tables, lengths, kernels=...)` is chosen per lowering
 platform by the one KernelPolicy (policy.dispatch):
-  * cpu  "cpu":     the row's pages gathered into [B, K, S, H], then the C++ decode kernel
-                    (cpu.decode_attention reads only [0, lengths[b]) of each row).
+  * cpu  "cpu":     the C++ decode kernel reading the pages in place through the block table
+                    (cpu.paged_decode_attention_cpu; only [0, lengths[b]) of each row), bitwise
+                    equal to the kernel over the row's gathered cache (mmjax.generate's).
   * any  "xla":     paged_attention_reference: the same gather, einsum softmax.
   * cuda "pallas":  jax.experimental.pallas.ops.gpu.paged_attention (reads pages in place).
   * tpu  "pallas":  jax.experimental.pallas.ops.tpu.paged_attention (head dim a multiple of 128).
@@ -59,10 +60,9 @@ def write_pages(pages, new, slots, kernels: KernelPolicy = DEFAULT):
 
 
 def gather_pages(pages, block_tables):
-    """pages [K, P, Z, H], block_tables [B, L] -> [B, K, L*Z, H] (each row's keys in order)."""
-    K, _, Z, H = pages.shape
-    B, L = block_tables.shape
-    return pages[:, block_tables].transpose(1, 0, 2, 3, 4).reshape(B, K, L * Z, H)
+    """pages [K, P, Z, H] (or scales [K, P, Z]), block_tables [B, L] -> [B, K, L*Z(, H)]: each
+    row's keys in order."""
+    return cpu_decode.gather_rows(pages, block_tables)
 
 
 def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=None):
@@ -113,8 +113,8 @@ def _widen(fn):
 
 
 def _plan(kernels: KernelPolicy, q, k_pages, scale, k_scales, platform: str | None):
-    """(key, fn(q, k, v, tables, lengths, k_scales, v_scales)). The C++ decode kernel (after the
-    gather) and the GPU kernel read narrow pools themselves; the others get floats."""
+    """(key, fn(q, k, v, tables, lengths, k_scales, v_scales)). The C++ decode kernel and the GPU
+    kernel read narrow pools themselves; the others get floats."""
     choice = "xla" if platform is None else kernels.attention(platform)
     narrow = k_scales is not None or k_pages.dtype != q.dtype
     B, _, N, H = q.shape
@@ -139,11 +139,8 @@ def _xla(q, k_pages, v_pages, block_tables, lengths, *, scale):
 
 
 def _cpu(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None, *, scale):
-    k, v = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
-    ks = vs = None
-    if k_scales is not None:  # [K, P, Z] -> [B, K, S], gathered like the pages
-        ks, vs = (gather_pages(x[..., None], block_tables)[..., 0] for x in (k_scales, v_scales))
-    return cpu_decode.decode_attention_cpu(q, k, v, jnp.zeros_like(lengths), lengths, scale, ks, vs)
+    return cpu_decode.paged_decode_attention_cpu(q, k_pages, v_pages, block_tables, lengths, scale, k_scales,
+                                                 v_scales)
 
 
 def _scaled(q, scale):  # the Pallas paged kernels take q already scaled, [B, N, H]

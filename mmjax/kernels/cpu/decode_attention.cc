@@ -5,6 +5,9 @@
 // over the visible keys start[b] <= s < end[b] (decode_range in attention.py turns every
 // MaskSpec without segments into that interval); a row with no visible key gives 0.
 // Axis legend: B batch, K kv heads, G query heads per kv head, S cache length, H head dim.
+// The paged variant (mmjax_paged_decode_attention_f32) reads the serving engine's pools
+// [K, P, Z, H] through block tables [B, L], keys s < lengths[b]: the same loops over a list of
+// row offsets (rows.h), so its sums run in the order of the row's gathered cache.
 //
 // Why: as XLA ops at batch 8 (416 cache slots), the q.K dot, the max/exp/sum and the
 // multiply-reduce for probs @ V cost ~40 ms of thread time per decode step in tiny fusions,
@@ -27,10 +30,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "pool.h"
+#include "rows.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -39,10 +42,10 @@ namespace ffi = xla::ffi;
 namespace {
 using namespace mmjax_simd;
 
-// logits[s] = scale * q . k[s0 + s] for s < n, head dim HV vectors of 16.
+// logits[s] = scale * q . k[off[s]:] for s < n, head dim HV vectors of 16.
 template <int HV>
-void Logits(const float* __restrict__ q, const float* __restrict__ k, int64_t n, float scale,
-            float* __restrict__ logits) {
+void Logits(const float* __restrict__ q, const float* __restrict__ k, const int64_t* __restrict__ off, int64_t n,
+            float scale, float* __restrict__ logits) {
   constexpr int64_t H = HV * kLanes;
   Vec qv[HV];
   for (int h = 0; h < HV; ++h) qv[h] = Load(q + h * kLanes);
@@ -50,7 +53,7 @@ void Logits(const float* __restrict__ q, const float* __restrict__ k, int64_t n,
   for (; s + kLanes <= n; s += kLanes) {
     Vec acc[kLanes];
     for (int i = 0; i < kLanes; ++i) {
-      const float* kr = k + (s + i) * H;
+      const float* kr = k + off[s + i];
       Vec a = qv[0] * Load(kr);
       for (int h = 1; h < HV; ++h) a += qv[h] * Load(kr + h * kLanes);
       acc[i] = a;
@@ -58,17 +61,17 @@ void Logits(const float* __restrict__ q, const float* __restrict__ k, int64_t n,
     Store(logits + s, Sums16(acc) * scale);
   }
   for (; s < n; ++s) {
-    const float* kr = k + s * H;
+    const float* kr = k + off[s];
     Vec a = qv[0] * Load(kr);
     for (int h = 1; h < HV; ++h) a += qv[h] * Load(kr + h * kLanes);
     logits[s] = HSum(a) * scale;
   }
 }
 
-// out[g] = sum_s probs[g, s] v[s0 + s] for g < G, the G x HV output vectors in registers.
+// out[g] = sum_s probs[g, s] v[off[s]:] for g < G, the G x HV output vectors in registers.
 template <int HV, int GC>
-void WeightedSum(const float* __restrict__ probs, int64_t n, const float* __restrict__ v, int64_t G,
-                 float* __restrict__ out) {
+void WeightedSum(const float* __restrict__ probs, int64_t n, const float* __restrict__ v,
+                 const int64_t* __restrict__ off, int64_t G, float* __restrict__ out) {
   constexpr int64_t H = HV * kLanes;
   for (int64_t g0 = 0; g0 < G; g0 += GC) {
     const int gc = static_cast<int>(std::min<int64_t>(GC, G - g0));
@@ -76,7 +79,7 @@ void WeightedSum(const float* __restrict__ probs, int64_t n, const float* __rest
     for (int g = 0; g < GC; ++g)
       for (int h = 0; h < HV; ++h) acc[g][h] = Vec{};
     for (int64_t s = 0; s < n; ++s) {
-      const float* vr = v + s * H;
+      const float* vr = v + off[s];
       Vec vv[HV];
       for (int h = 0; h < HV; ++h) vv[h] = Load(vr + h * kLanes);
       for (int g = 0; g < GC; ++g) {
@@ -92,8 +95,8 @@ void WeightedSum(const float* __restrict__ probs, int64_t n, const float* __rest
 
 // The per-head-dim kernels: Logits and WeightedSum for head dims that are 16-lane multiples.
 struct HeadDimKernels {
-  void (*logits)(const float*, const float*, int64_t, float, float*);
-  void (*weighted_sum)(const float*, int64_t, const float*, int64_t, float*);
+  void (*logits)(const float*, const float*, const int64_t*, int64_t, float, float*);
+  void (*weighted_sum)(const float*, int64_t, const float*, const int64_t*, int64_t, float*);
 };
 template <int HV>
 constexpr HeadDimKernels KernelsFor() {
@@ -110,22 +113,17 @@ const HeadDimKernels* ForHeadDim(int64_t H) {
 
 struct Problem {
   const float *q, *k, *v;
-  const int32_t *start, *end;
+  mmjax_rows::Rows rows;  // which rows of k / v each task reads (rows.h)
   float* out;
-  int64_t B, K, G, S, H;
+  int64_t G;
   float scale;
-  int64_t tasks;
 
   // One (b, kv head) pair.
-  void Task(int64_t bk, std::vector<float>& logits) const {
-    const int64_t b = bk / K;
-    const int64_t s0 = std::clamp<int64_t>(start[b], 0, S);
-    const int64_t s1 = std::clamp<int64_t>(end[b], 0, S);
+  void Task(int64_t bk, std::vector<float>& logits, std::vector<int64_t>& off) const {
+    const int64_t K = rows.K, H = rows.H;
+    const int64_t n = rows.Offsets(bk / K, bk % K, off);
     const float* qp = q + bk * G * H;  // [G, H]
-    const float* kp = k + bk * S * H;  // [S, H]
-    const float* vp = v + bk * S * H;
     float* op = out + bk * G * H;
-    const int64_t n = s1 - s0;
     if (n <= 0) {
       std::memset(op, 0, G * H * sizeof(float));
       return;
@@ -135,12 +133,12 @@ struct Problem {
     // logits[g, s] = scale * q[g] . k[s]
     for (int64_t g = 0; g < G; ++g) {
       if (fast != nullptr) {
-        fast->logits(qp + g * H, kp + s0 * H, n, scale, logits.data() + g * n);
+        fast->logits(qp + g * H, k, off.data(), n, scale, logits.data() + g * n);
         continue;
       }
       const float* qr = qp + g * H;
       for (int64_t s = 0; s < n; ++s) {
-        const float* kr = kp + (s0 + s) * H;
+        const float* kr = k + off[s];
         float dot = 0;
         for (int64_t h = 0; h < H; ++h) dot += qr[h] * kr[h];
         logits[g * n + s] = dot * scale;
@@ -177,12 +175,12 @@ struct Problem {
     }
     // out[g] = sum_s probs[g, s] v[s]
     if (fast != nullptr) {
-      fast->weighted_sum(logits.data(), n, vp + s0 * H, G, op);
+      fast->weighted_sum(logits.data(), n, v, off.data(), G, op);
       return;
     }
     std::memset(op, 0, G * H * sizeof(float));
     for (int64_t s = 0; s < n; ++s) {
-      const float* vr = vp + (s0 + s) * H;
+      const float* vr = v + off[s];
       for (int64_t g = 0; g < G; ++g) {
         const float p = logits[g * n + s];
         float* o = op + g * H;
@@ -191,6 +189,13 @@ struct Problem {
     }
   }
 
+  void Run(ffi::ThreadPool& pool, int64_t B) const {
+    mmjax_pool::ParallelFor(pool, B * rows.K, [this](int64_t t) {
+      thread_local std::vector<float> logits;
+      thread_local std::vector<int64_t> off;
+      Task(t, logits, off);
+    });
+  }
 };
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -203,30 +208,53 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
       end.dimensions().size() != 1 || end.dimensions()[0] != qd[0])
     return ffi::Error::InvalidArgument(
         "mmjax_decode_attention_f32: expects q [B, K, G, H], k/v [B, K, S, H], start/end [B]");
-  auto p = std::make_unique<Problem>();
-  p->q = q.typed_data();
-  p->k = k.typed_data();
-  p->v = v.typed_data();
-  p->start = start.typed_data();
-  p->end = end.typed_data();
-  p->out = out->typed_data();
-  p->B = qd[0];
-  p->K = qd[1];
-  p->G = qd[2];
-  p->H = qd[3];
-  p->S = kd[2];
-  p->scale = scale;
-  p->tasks = p->B * p->K;
-  mmjax_pool::ParallelFor(pool, p->tasks, [&p](int64_t t) {
-    thread_local std::vector<float> logits;
-    p->Task(t, logits);
-  });
+  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), {}, out->typed_data(), qd[2], scale};
+  p.rows.K = qd[1];
+  p.rows.H = qd[3];
+  p.rows.start = start.typed_data();
+  p.rows.end = end.typed_data();
+  p.rows.S = kd[2];
+  p.Run(pool, qd[0]);
+  return ffi::Error::Success();
+}
+
+// The same over the serving engine's pools: q [B, K, G, H], k/v pages [K, P, Z, H], block tables
+// [B, L], lengths [B] (rows.h).
+ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables,
+                                    ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = tables.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[1] || kd[3] != qd[3] ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()) || td.size() != 2 || td[0] != qd[0] ||
+      lengths.dimensions().size() != 1 || lengths.dimensions()[0] != qd[0] || kd[1] < 1)
+    return ffi::Error::InvalidArgument(
+        "mmjax_paged_decode_attention_f32: expects q [B, K, G, H], k/v pages [K, P, Z, H], tables [B, L], "
+        "lengths [B]");
+  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), {}, out->typed_data(), qd[2], scale};
+  p.rows.K = qd[1];
+  p.rows.H = qd[3];
+  p.rows.end = lengths.typed_data();
+  p.rows.tables = tables.typed_data();
+  p.rows.L = td[1];
+  p.rows.P = kd[1];
+  p.rows.Z = kd[2];
+  p.Run(pool, qd[0]);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionF32, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionF32, PagedDecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -19,6 +19,12 @@ dtypes without), a mask without segment ids, and the library built. Whether it s
 the KernelPolicy's `attention_cpu` (mmjax.kernels.attention asks both, in the CPU branch of its
 platform_dependent).
 
+`paged_decode_attention_cpu(q, k_pages, v_pages, tables, lengths, scale=None, k_scale=None,
+v_scale=None)`: the same kernels reading the serving engine's pools in place, k/v pages
+[K, P, Z, H] (int8: scales [K, P, Z]) through block tables [B, L], keys s < lengths[b] visible
+(P pages, Z rows a page, L pages a row). A row's keys sum in the order of its gathered copy, so
+the result equals decode_attention_cpu over gather_pages(...) bitwise (rows.h).
+
 `decode_attention_cpu_reference` is the same function in jnp (dequantize, then
 decode_attention_reference), the kernels' test oracle and their backward pass.
 """
@@ -33,14 +39,16 @@ import numpy as np
 from mmjax.kernels.cpu import ffi
 from mmjax.kernels.decode_attention import decode_attention_reference
 
-__all__ = ["CACHE_DTYPES", "TARGET", "TARGETS", "decode_attention_cpu", "decode_attention_cpu_reference",
-           "dequantize_cache", "eligible"]
+__all__ = ["CACHE_DTYPES", "PAGED_TARGETS", "TARGET", "TARGETS", "decode_attention_cpu",
+           "decode_attention_cpu_reference", "dequantize_cache", "eligible", "gather_rows", "paged_decode_attention_cpu",
+           "paged_decode_attention_cpu_reference"]
 
 # The cache dtype's custom call (decode_attention.cc: the float32 kernel, and one template for
 # the narrow caches).
 TARGETS = {"float32": "mmjax_decode_attention_f32", "bfloat16": "mmjax_decode_attention_bf16",
            "int8": "mmjax_decode_attention_s8"}
 TARGET = TARGETS["float32"]
+PAGED_TARGETS = {dtype: "mmjax_paged_" + name[len("mmjax_"):] for dtype, name in TARGETS.items()}
 CACHE_DTYPES = tuple(TARGETS)
 QUERY_DTYPES = ("float32", "bfloat16")
 
@@ -109,14 +117,14 @@ def decode_attention_cpu(q, k, v, start, end, scale: float | None = None, k_scal
     return _decode(q, k, v, start, end, scale)
 
 
-def _call(q, *args, scale):
+def _call(q, *args, scale, paged=False):
     """The custom call of args[0]'s dtype: q [B, 1, N, H] (as float32, [B, K, G, H]) and the
     cache arguments -> [B, 1, N, H] in q's dtype."""
     batch, _, num_heads, head_dim = q.shape
-    num_kv_heads = args[0].shape[1]
+    num_kv_heads = args[0].shape[0 if paged else 1]
     qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    call = jax.ffi.ffi_call(TARGETS[_name(args[0])], jax.ShapeDtypeStruct(qg.shape, jnp.float32),
-                            vmap_method="sequential")
+    target = (PAGED_TARGETS if paged else TARGETS)[_name(args[0])]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(qg.shape, jnp.float32), vmap_method="sequential")
     return call(qg, *args, scale=np.float32(scale)).reshape(q.shape).astype(q.dtype)
 
 
@@ -153,3 +161,53 @@ def _decode_s8_bwd(scale, res, g):
 
 
 _decode_s8.defvjp(_decode_s8_fwd, _decode_s8_bwd)
+
+
+# --- the serving engine's pools, read through block tables ------------------------------------
+def gather_rows(pages, tables):
+    """pages [K, P, Z, ...] , tables [B, L] -> [B, K, L*Z, ...]: each row's cache in order (the
+    copy the paged kernel does not make)."""
+    K, _, Z = pages.shape[:3]
+    B, L = tables.shape
+    return jnp.moveaxis(pages[:, tables], 1, 0).reshape(B, K, L * Z, *pages.shape[3:])
+
+
+def paged_decode_attention_cpu_reference(q, k_pages, v_pages, tables, lengths, scale=None, k_scale=None,
+                                         v_scale=None):
+    """jnp reference of paged_decode_attention_cpu: the pages gathered, then
+    decode_attention_cpu_reference over keys [0, lengths[b])."""
+    k, v = gather_rows(k_pages, tables), gather_rows(v_pages, tables)
+    ks = vs = None
+    if k_scale is not None:
+        ks, vs = gather_rows(k_scale, tables), gather_rows(v_scale, tables)
+    return decode_attention_cpu_reference(q, k, v, jnp.zeros_like(lengths), lengths, scale, ks, vs)
+
+
+def paged_decode_attention_cpu(q, k_pages, v_pages, tables, lengths, scale: float | None = None, k_scale=None,
+                               v_scale=None):
+    """q [B, 1, N, H] f32|bf16; k/v_pages [K, P, Z, H] f32|bf16|int8 (int8: k_scale/v_scale
+    [K, P, Z] f32); tables [B, L] int32; lengths [B] int32 -> [B, 1, N, H] in q's dtype. No
+    derivative: the serving engine's decode only."""
+    B, q_len, N, H = q.shape
+    if q_len != 1 or k_pages.ndim != 4 or k_pages.shape != v_pages.shape or k_pages.shape[3] != H \
+            or N % k_pages.shape[0] or tables.ndim != 2 or tables.shape[0] != B or lengths.shape != (B,):
+        raise ValueError(f"paged_decode_attention_cpu: expects q [B, 1, N, H], k/v pages [K, P, Z, H], tables "
+                         f"[B, L], lengths [B], got {q.shape}, {k_pages.shape}, {v_pages.shape}, {tables.shape}, "
+                         f"{lengths.shape}")
+    cache = _name(k_pages)
+    if _name(q) not in QUERY_DTYPES or cache not in CACHE_DTYPES or _name(v_pages) != cache:
+        raise ValueError(f"paged_decode_attention_cpu: q one of {', '.join(QUERY_DTYPES)} and k/v pages both one "
+                         f"of {', '.join(CACHE_DTYPES)}, got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    scaled = (k_scale, v_scale) != (None, None)
+    if cache == "int8" and not (_scales_given(k_scale, v_scale) and k_scale.shape == v_scale.shape
+                                == k_pages.shape[:3]):
+        raise ValueError(f"paged_decode_attention_cpu: int8 pages need k_scale and v_scale float32 "
+                         f"{tuple(k_pages.shape[:3])} [K, P, Z]")
+    if cache != "int8" and scaled:
+        raise ValueError(f"paged_decode_attention_cpu: k_scale/v_scale go with int8 pages only, they are {cache}")
+    if ffi.load() is None:
+        raise RuntimeError(f"paged_decode_attention_cpu: kernel unavailable ({ffi.error()})")
+    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+    scales = (k_scale, v_scale) if cache == "int8" else ()
+    return _call(q, k_pages, v_pages, *scales, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                 scale=scale, paged=True)

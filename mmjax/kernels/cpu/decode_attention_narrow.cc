@@ -6,6 +6,8 @@
 // [B, K, G, H]; K, V are [B, K, S, H] bfloat16, or int8 with k_scale / v_scale float32 [B, K, S]
 // (K[b, k, s, :] = int8 * k_scale[b, k, s]: one symmetric scale per token and kv head).
 // Axis legend: B batch, K kv heads, G query heads per kv head, S cache length, H head dim.
+// Paged variants (mmjax_paged_decode_attention_{bf16,s8}): the serving engine's pools [K, P, Z, H]
+// (scales [K, P, Z]) through block tables [B, L], over a list of row offsets (rows.h).
 //
 // Why: a decode step reads the whole visible cache; at long contexts that is the step's largest
 // read after the weights, and a narrow cache halves or quarters it. The rows are widened to
@@ -34,6 +36,7 @@
 #include <vector>
 
 #include "pool.h"
+#include "rows.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -88,8 +91,8 @@ constexpr int ChunkOf(int hv) {
 // key row is widened once, HC vectors at a time, and dotted with all G query rows (q from L1);
 // the G x kN partial dot products wait in `part` for NSums.
 template <typename T, int HV>
-void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ k, const float* __restrict__ k_scale,
-                  int64_t n, float scale, float* __restrict__ logits, int64_t ld) {
+void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ k, const int64_t* __restrict__ off,
+                  const float* __restrict__ k_scale, int64_t n, float scale, float* __restrict__ logits, int64_t ld) {
   constexpr int64_t H = HV * kN;
   constexpr int HC = ChunkOf(HV);
   thread_local std::vector<NVec> part_buffer;
@@ -98,7 +101,7 @@ void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ 
   int64_t s = 0;
   for (; s + kN <= n; s += kN) {
     for (int i = 0; i < kN; ++i) {
-      const T* kr = k + (s + i) * H;
+      const T* kr = k + off[s + i];
       for (int h0 = 0; h0 < HV; h0 += HC) {
         NVec kv[HC];
         for (int h = 0; h < HC; ++h) kv[h] = LoadW(kr + (h0 + h) * kN);
@@ -114,7 +117,7 @@ void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ 
     for (int64_t g = 0; g < G; ++g) NStore(logits + g * ld + s, NSums(part + g * kN) * ksv);
   }
   for (; s < n; ++s) {
-    const T* kr = k + s * H;
+    const T* kr = k + off[s];
     for (int64_t g = 0; g < G; ++g) {
       NVec a = NLoad(q + g * H) * LoadW(kr);
       for (int h = 1; h < HV; ++h) a += NLoad(q + g * H + h * kN) * LoadW(kr + h * kN);
@@ -123,16 +126,16 @@ void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ 
   }
 }
 
-// out[g, 0:HC kN] += sum_s probs[g * ld + s] v[s, 0:HC kN] for g < GC, s < n; rows of v and out
+// out[g, 0:HC kN] += sum_s probs[g * ld + s] v[off[s]:][0:HC kN] for g < GC, s < n; rows of out
 // H apart. GC x HC accumulators stay in registers while the rows stream.
 template <typename T, int GC, int HC>
 void NarrowWeightedSum(const float* __restrict__ probs, int64_t ld, int64_t n, const T* __restrict__ v,
-                       int64_t H, float* __restrict__ out) {
+                       const int64_t* __restrict__ off, int64_t H, float* __restrict__ out) {
   NVec acc[GC][HC];
   for (int g = 0; g < GC; ++g)
     for (int h = 0; h < HC; ++h) acc[g][h] = NLoad(out + g * H + h * kN);
   for (int64_t s = 0; s < n; ++s) {
-    const T* vr = v + s * H;
+    const T* vr = v + off[s];
     for (int h = 0; h < HC; ++h) {
       const NVec w = LoadW(vr + h * kN);
       for (int g = 0; g < GC; ++g) acc[g][h] += probs[g * ld + s] * w;
@@ -146,7 +149,7 @@ void NarrowWeightedSum(const float* __restrict__ probs, int64_t ld, int64_t n, c
 // 16 (AVX2) or 32 (AVX-512) registers.
 constexpr int kGC = kN >= 16 ? 8 : 4;
 template <typename T>
-using WeightedSumFn = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*);
+using WeightedSumFn = void (*)(const float*, int64_t, int64_t, const T*, const int64_t*, int64_t, float*);
 template <typename T, int HC, size_t... GC>
 constexpr std::array<WeightedSumFn<T>, sizeof...(GC)> WeightedSums(std::index_sequence<GC...>) {
   return {NarrowWeightedSum<T, int(GC) + 1, HC>...};
@@ -157,7 +160,7 @@ const std::array<WeightedSumFn<T>, kGC> kWeightedSum[2] = {WeightedSums<T, 1>(st
                                                            WeightedSums<T, 2>(std::make_index_sequence<kGC>())};
 
 template <typename T>
-using LogitsFn = void (*)(const float*, int64_t, const T*, const float*, int64_t, float, float*, int64_t);
+using LogitsFn = void (*)(const float*, int64_t, const T*, const int64_t*, const float*, int64_t, float, float*, int64_t);
 template <typename T, size_t... HV>
 constexpr std::array<LogitsFn<T>, sizeof...(HV)> NarrowLogitsTable(std::index_sequence<HV...>) {
   return {NarrowLogits<T, int(HV) + 1>...};
@@ -171,32 +174,37 @@ LogitsFn<T> NarrowLogitsFor(int64_t H) {
   return table[H / kN - 1];
 }
 
-// Decode attention over a cache of T (uint16_t: bfloat16, int8_t: int8 with k_scale / v_scale
-// [B, K, S]). q, out float32 [B, K, G, H].
+// Decode attention over a cache of T (uint16_t: bfloat16, int8_t: int8 with k_scale / v_scale,
+// one per row: [B, K, S] or, paged, [K, P, Z]). q, out float32 [B, K, G, H]; rows.h says which
+// rows of k / v each (b, kv head) task reads.
 template <typename T>
 struct NarrowProblem {
   const float* q;
   const T *k, *v;
   const float *k_scale, *v_scale;  // null for bfloat16
-  const int32_t *start, *end;
+  mmjax_rows::Rows rows;
   float* out;
-  int64_t B, K, G, S, H;
+  int64_t G;
   float scale;
 
-  void Task(int64_t bk, std::vector<float>& logits) const {
-    const int64_t b = bk / K;
-    const int64_t s0 = std::clamp<int64_t>(start[b], 0, S);
-    const int64_t s1 = std::clamp<int64_t>(end[b], 0, S);
-    const int64_t n = s1 - s0;
+  void Task(int64_t bk, std::vector<float>& logits, std::vector<int64_t>& off, std::vector<float>& scales) const {
+    const int64_t K = rows.K, H = rows.H;
+    const int64_t n = rows.Offsets(bk / K, bk % K, off);
     const float* qp = q + bk * G * H;  // [G, H]
-    const T* kp = k + (bk * S + s0) * H;  // [n, H], the visible rows
-    const T* vp = v + (bk * S + s0) * H;
-    const float* ks = k_scale != nullptr ? k_scale + bk * S + s0 : nullptr;  // [n]
-    const float* vs = v_scale != nullptr ? v_scale + bk * S + s0 : nullptr;
     float* op = out + bk * G * H;
     std::memset(op, 0, G * H * sizeof(float));
     if (n <= 0) return;
     logits.resize(G * n);
+    const float *ks = nullptr, *vs = nullptr;  // [n]: the rows' scales, in order
+    if (k_scale != nullptr) {
+      scales.resize(2 * n);
+      for (int64_t s = 0; s < n; ++s) {
+        scales[s] = k_scale[off[s] / H];
+        scales[n + s] = v_scale[off[s] / H];
+      }
+      ks = scales.data();
+      vs = ks + n;
+    }
     // Keys in tiles of ~16 KiB of cache (the weighted sum's passes over a tile after the first
     // find it in L1).
     const int64_t tile = std::max<int64_t>(kN, 16384 / (H * int64_t(sizeof(T))) / kN * kN);
@@ -204,13 +212,13 @@ struct NarrowProblem {
     for (int64_t t0 = 0; t0 < n; t0 += tile) {
       const int64_t m = std::min(tile, n - t0);
       if (fast != nullptr) {
-        fast(qp, G, kp + t0 * H, ks != nullptr ? ks + t0 : nullptr, m, scale, logits.data() + t0, n);
+        fast(qp, G, k, off.data() + t0, ks != nullptr ? ks + t0 : nullptr, m, scale, logits.data() + t0, n);
         continue;
       }
       for (int64_t g = 0; g < G; ++g) {
         float* l = logits.data() + g * n + t0;
         for (int64_t s = 0; s < m; ++s) {
-          const T* kr = kp + (t0 + s) * H;
+          const T* kr = k + off[t0 + s];
           float dot = 0;
           for (int64_t h = 0; h < H; ++h) dot += qp[g * H + h] * ToFloat(kr[h]);
           l[s] = dot * scale * (ks != nullptr ? ks[t0 + s] : 1.0f);
@@ -224,7 +232,7 @@ struct NarrowProblem {
       const int64_t m = std::min(tile, n - t0);
       if (fast == nullptr) {
         for (int64_t s = 0; s < m; ++s) {
-          const T* vr = vp + (t0 + s) * H;
+          const T* vr = v + off[t0 + s];
           for (int64_t g = 0; g < G; ++g) {
             const float p = logits[g * n + t0 + s];
             for (int64_t h = 0; h < H; ++h) op[g * H + h] += p * ToFloat(vr[h]);
@@ -236,11 +244,19 @@ struct NarrowProblem {
         const int hc = H - h0 >= 2 * kN ? 2 : 1;
         for (int64_t g0 = 0; g0 < G; g0 += kGC) {
           const int gc = int(std::min<int64_t>(kGC, G - g0));
-          kWeightedSum<T>[hc - 1][gc - 1](logits.data() + g0 * n + t0, n, m, vp + t0 * H + h0, H,
+          kWeightedSum<T>[hc - 1][gc - 1](logits.data() + g0 * n + t0, n, m, v + h0, off.data() + t0, H,
                                           op + g0 * H + h0);
         }
       }
     }
+  }
+
+  void Run(ffi::ThreadPool& pool, int64_t B) const {
+    mmjax_pool::ParallelFor(pool, B * rows.K, [this](int64_t t) {
+      thread_local std::vector<float> logits, scales;
+      thread_local std::vector<int64_t> off;
+      Task(t, logits, off, scales);
+    });
   }
 };
 
@@ -263,11 +279,43 @@ template <typename T>
 void RunNarrow(ffi::ThreadPool& pool, const float* q, const T* k, const T* v, const float* k_scale,
                const float* v_scale, const int32_t* start, const int32_t* end, float* out,
                ffi::Span<const int64_t> qd, int64_t S, float scale) {
-  const NarrowProblem<T> p{q, k, v, k_scale, v_scale, start, end, out, qd[0], qd[1], qd[2], S, qd[3], scale};
-  mmjax_pool::ParallelFor(pool, p.B * p.K, [&p](int64_t t) {
-    thread_local std::vector<float> logits;
-    p.Task(t, logits);
-  });
+  NarrowProblem<T> p{q, k, v, k_scale, v_scale, {}, out, qd[2], scale};
+  p.rows.K = qd[1];
+  p.rows.H = qd[3];
+  p.rows.start = start;
+  p.rows.end = end;
+  p.rows.S = S;
+  p.Run(pool, qd[0]);
+}
+
+// The paged variant: k/v pages [K, P, Z, H] (scales [K, P, Z]), tables [B, L], lengths [B].
+ffi::Error CheckPagedShapes(const char* name, ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
+                            ffi::Span<const int64_t> vd, ffi::Span<const int64_t> td, ffi::Span<const int64_t> ld,
+                            const ffi::Span<const int64_t>* scales = nullptr) {
+  bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && kd[0] == qd[1] && kd[3] == qd[3] && kd[1] >= 1 &&
+            std::equal(kd.begin(), kd.end(), vd.begin()) && td.size() == 2 && td[0] == qd[0] && ld.size() == 1 &&
+            ld[0] == qd[0];
+  for (int i = 0; ok && scales != nullptr && i < 2; ++i)
+    ok = scales[i].size() == 3 && std::equal(scales[i].begin(), scales[i].end(), kd.begin());
+  if (ok) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(name) +
+                                     ": expects q [B, K, G, H], k/v pages [K, P, Z, H], tables [B, L], lengths [B]" +
+                                     (scales != nullptr ? ", k_scale/v_scale [K, P, Z]" : ""));
+}
+
+template <typename T>
+void RunPaged(ffi::ThreadPool& pool, const float* q, const T* k, const T* v, const float* k_scale,
+              const float* v_scale, const int32_t* tables, const int32_t* lengths, float* out,
+              ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, int64_t L, float scale) {
+  NarrowProblem<T> p{q, k, v, k_scale, v_scale, {}, out, qd[2], scale};
+  p.rows.K = qd[1];
+  p.rows.H = qd[3];
+  p.rows.end = lengths;
+  p.rows.tables = tables;
+  p.rows.L = L;
+  p.rows.P = kd[1];
+  p.rows.Z = kd[2];
+  p.Run(pool, qd[0]);
 }
 
 ffi::Error DecodeAttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
@@ -298,6 +346,34 @@ ffi::Error DecodeAttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   return ffi::Error::Success();
 }
 
+ffi::Error PagedDecodeAttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
+                                    ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> tables,
+                                    ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  if (auto e = CheckPagedShapes("mmjax_paged_decode_attention_bf16", q.dimensions(), k.dimensions(), v.dimensions(),
+                                tables.dimensions(), lengths.dimensions());
+      e.failure())
+    return e;
+  RunPaged<uint16_t>(pool, q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr, tables.typed_data(),
+                     lengths.typed_data(), out->typed_data(), q.dimensions(), k.dimensions(),
+                     tables.dimensions()[1], scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedDecodeAttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
+                                  ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scale,
+                                  ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> tables,
+                                  ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const ffi::Span<const int64_t> scales[2] = {k_scale.dimensions(), v_scale.dimensions()};
+  if (auto e = CheckPagedShapes("mmjax_paged_decode_attention_s8", q.dimensions(), k.dimensions(), v.dimensions(),
+                                tables.dimensions(), lengths.dimensions(), scales);
+      e.failure())
+    return e;
+  RunPaged<int8_t>(pool, q.typed_data(), k.typed_data(), v.typed_data(), k_scale.typed_data(), v_scale.typed_data(),
+                   tables.typed_data(), lengths.typed_data(), out->typed_data(), q.dimensions(), k.dimensions(),
+                   tables.dimensions()[1], scale);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionBF16, DecodeAttentionBF16,
@@ -311,6 +387,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionBF16, DecodeAttentionBF16,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionS8, DecodeAttentionS8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionBF16, PagedDecodeAttentionBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionS8, PagedDecodeAttentionS8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -30,11 +30,14 @@ __all__ = ["HEADERS", "SOURCES", "TARGETS", "attention_with_reference_vjp", "ava
 _HERE = os.path.dirname(__file__)
 SOURCES = tuple(os.path.join(_HERE, f) for f in ("gemv.cc", "decode_attention.cc", "decode_attention_narrow.cc",
                                                   "prefill_attention.cc", "write_rows.cc"))
-HEADERS = tuple(os.path.join(_HERE, f) for f in ("simd.h", "pool.h"))
+HEADERS = tuple(os.path.join(_HERE, f) for f in ("simd.h", "pool.h", "rows.h"))
 # XLA target name -> the handler symbol the library exports.
 TARGETS = {"mmjax_gemv_f32": "MmjaxGemvF32", "mmjax_gemv_bf16": "MmjaxGemvBF16", "mmjax_gemv_s8": "MmjaxGemvS8",
            "mmjax_decode_attention_f32": "MmjaxDecodeAttentionF32",
            "mmjax_decode_attention_bf16": "MmjaxDecodeAttentionBF16", "mmjax_decode_attention_s8": "MmjaxDecodeAttentionS8",
+           "mmjax_paged_decode_attention_f32": "MmjaxPagedDecodeAttentionF32",
+           "mmjax_paged_decode_attention_bf16": "MmjaxPagedDecodeAttentionBF16",
+           "mmjax_paged_decode_attention_s8": "MmjaxPagedDecodeAttentionS8",
            "mmjax_prefill_attention_f32": "MmjaxPrefillAttentionF32", "mmjax_write_rows": "MmjaxWriteRows"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _lock = threading.Lock()
