@@ -1,35 +1,43 @@
-// Decode attention for XLA:CPU: one query token per row against the KV cache, float32 (bfloat16
-// and int8 caches: decode_attention_narrow.cc).
+// Decode attention for XLA:CPU: one query token per row against the KV cache, read as it is
+// stored: float32, bfloat16, or int8 with k_scale / v_scale.
 //
-// out[b, k, g, :] = softmax_s(scale * q[b, k, g, :] . K[b, k, s, :]) @ V[b, k, s, :]
-// over the visible keys start[b] <= s < end[b] (decode_range in attention.py turns every
-// MaskSpec without segments into that interval); a row with no visible key gives 0.
+// out[b, k, g, :] = softmax_s(scale * q[b, k, g, :] . K[b, k, s, :]) @ V[b, k, s, :] over the
+// visible keys start[b] <= s < end[b] (decode_range in attention.py turns every MaskSpec without
+// segments into that interval); a row with no visible key gives 0. q and out are float32
+// [B, K, G, H]; K, V are [B, K, S, H] float32, bfloat16, or int8 with k_scale / v_scale float32
+// [B, K, S] (K[b, k, s, :] = int8 * k_scale[b, k, s]: one symmetric scale per token and kv head).
 // Axis legend: B batch, K kv heads, G query heads per kv head, S cache length, H head dim.
-// The paged variant (mmjax_paged_decode_attention_f32) reads the serving engine's pools
-// [K, P, Z, H] through block tables [B, L], keys s < lengths[b]: the same loops over a list of
-// row offsets (rows.h), so its sums run in the order of the row's gathered cache.
+// Paged variants (mmjax_paged_decode_attention_{f32,bf16,s8}): the serving engine's pools
+// [K, P, Z, H] (scales [K, P, Z]) through block tables [B, L], keys s < lengths[b]. Both read
+// through a list of row offsets (rows.h), so a paged row sums in the order of its gathered copy.
 //
-// Why: as XLA ops at batch 8 (416 cache slots), the q.K dot, the max/exp/sum and the
-// multiply-reduce for probs @ V cost ~40 ms of thread time per decode step in tiny fusions,
-// against ~80 MB of cache the step must read (~4 ms). Here each (b, k) pair is one task:
-// it streams its K rows once per query head (from cache after the first), keeps the G x n
-// logits in a thread-local buffer, and streams its V rows once for all G heads (GQA without
-// repeating K/V). Tasks are shared out over XLA's intra-op pool by mmjax_pool::ParallelFor
-// (pool.h).
+// Why: as XLA ops at batch 8 the q.K dot, the max/exp/sum and probs @ V ran as tiny fusions
+// (~40 ms of thread time a step against ~4 ms of cache to read). A narrow cache halves or
+// quarters the step's largest read after the weights; its rows are widened to float32 in
+// registers as they stream (LoadW, simd.h, as cpu.gemv does for weights). Everything after the
+// load is float32, and one template serves the three dtypes.
 //
-// For head dims that are multiples of 16 (Logits / WeightedSum, unrolled per head dim): the
-// dot products of 16 keys are reduced together (Sums16: 15 shuffle-adds, not 16 lane-by-lane
-// sums), max / exp / normalise run on vectors, and probs @ V keeps the output rows of a few
-// heads in registers. That took one (b, k) task of 3 heads x 330 keys from 27 to 9.5 us;
-// other head dims take plain loops.
+// One task per (b, kv head), shared out by mmjax_pool::ParallelFor (pool.h), keys in tiles of
+// ~16 KiB of cache:
+//  * logits (NarrowLogits): each key row loaded once, up to 8 vectors at a time, and dotted with
+//    all G query rows; the dot products of kN keys reduced together (NSums), * scale * k_scale.
+//    Widening each row once per head instead ran ~1.4x slower at G 3;
+//  * softmax over the row, v_scale folded into the probabilities (NarrowSoftmax);
+//  * probs @ V per tile, 2 head-dim vectors x up to kGC heads of accumulators in registers
+//    (NarrowWeightedSum); the passes over a tile after the first find it in L1.
+// Head dims that are not whole native vectors take plain loops.
 //
-// Numerics follow xla_attention: logits * scale, max, exp(l - max), sum, probs = e / sum,
-// out = sum_s probs * v, all float32; only the summation order differs. exp is a degree-7
-// polynomial after range reduction (relative error ~1e-7, like XLA's own).
+// Native-width vectors (NVec, kN = 8 floats on AVX2, 16 on AVX-512) throughout. The float32 cache
+// had its own kernel on 16-float vectors, which live in memory on AVX2 (docs/kernels.md,
+// "Native-width vectors"); this template ran it 1.8x faster at batch 1 (12 layers of a 420-key
+// cache, 12 heads of 64: 186 -> 99 us a layer) and ~1.1x at batch 8. exp is a degree-7 polynomial
+// after range reduction (relative error ~1e-7, like XLA's own).
 #include <algorithm>
-#include <cmath>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "pool.h"
@@ -42,209 +50,363 @@ namespace ffi = xla::ffi;
 namespace {
 using namespace mmjax_simd;
 
-// logits[s] = scale * q . k[off[s]:] for s < n, head dim HV vectors of 16.
-template <int HV>
-void Logits(const float* __restrict__ q, const float* __restrict__ k, const int64_t* __restrict__ off, int64_t n,
-            float scale, float* __restrict__ logits) {
-  constexpr int64_t H = HV * kLanes;
-  Vec qv[HV];
-  for (int h = 0; h < HV; ++h) qv[h] = Load(q + h * kLanes);
-  int64_t s = 0;
-  for (; s + kLanes <= n; s += kLanes) {
-    Vec acc[kLanes];
-    for (int i = 0; i < kLanes; ++i) {
-      const float* kr = k + off[s + i];
-      Vec a = qv[0] * Load(kr);
-      for (int h = 1; h < HV; ++h) a += qv[h] * Load(kr + h * kLanes);
-      acc[i] = a;
+constexpr int kN = kNLanes;
+
+// l[0:n] = softmax(l[0:n]) * v_scale[0:n] (v_scale null: 1), in place: max, exp(l - max), sum,
+// l / sum, as the float32 kernel; v[s] * v_scale[s] folded into the probabilities.
+void NarrowSoftmax(float* l, int64_t n, const float* v_scale) {
+  const int64_t nv = n / kN * kN;
+  float m = l[0];
+  if (nv > 0) {
+    NVec mv = NLoad(l);
+    for (int64_t s = kN; s < nv; s += kN) {
+      const NVec x = NLoad(l + s);
+      mv = x > mv ? x : mv;
     }
-    Store(logits + s, Sums16(acc) * scale);
+    m = std::max(m, HMax(mv));
   }
-  for (; s < n; ++s) {
-    const float* kr = k + off[s];
-    Vec a = qv[0] * Load(kr);
-    for (int h = 1; h < HV; ++h) a += qv[h] * Load(kr + h * kLanes);
-    logits[s] = HSum(a) * scale;
+  for (int64_t s = nv; s < n; ++s) m = std::max(m, l[s]);
+  NVec tv{};
+  for (int64_t s = 0; s < nv; s += kN) {
+    const NVec e = NExp(NLoad(l + s) - m);
+    NStore(l + s, e);
+    tv += e;
   }
+  float total = HSum(tv);
+  for (int64_t s = nv; s < n; ++s) {
+    l[s] = NExp(NSplat(l[s] - m))[0];
+    total += l[s];
+  }
+  for (int64_t s = 0; s < nv; s += kN) {
+    const NVec p = NLoad(l + s) / total;
+    NStore(l + s, v_scale != nullptr ? p * NLoad(v_scale + s) : p);
+  }
+  for (int64_t s = nv; s < n; ++s) l[s] = l[s] / total * (v_scale != nullptr ? v_scale[s] : 1.0f);
 }
 
-// out[g] = sum_s probs[g, s] v[off[s]:] for g < G, the G x HV output vectors in registers.
-template <int HV, int GC>
-void WeightedSum(const float* __restrict__ probs, int64_t n, const float* __restrict__ v,
-                 const int64_t* __restrict__ off, int64_t G, float* __restrict__ out) {
-  constexpr int64_t H = HV * kLanes;
-  for (int64_t g0 = 0; g0 < G; g0 += GC) {
-    const int gc = static_cast<int>(std::min<int64_t>(GC, G - g0));
-    Vec acc[GC][HV];
-    for (int g = 0; g < GC; ++g)
-      for (int h = 0; h < HV; ++h) acc[g][h] = Vec{};
-    for (int64_t s = 0; s < n; ++s) {
-      const float* vr = v + off[s];
-      Vec vv[HV];
-      for (int h = 0; h < HV; ++h) vv[h] = Load(vr + h * kLanes);
-      for (int g = 0; g < GC; ++g) {
-        if (g >= gc) break;
-        const float p = probs[(g0 + g) * n + s];
-        for (int h = 0; h < HV; ++h) acc[g][h] += p * vv[h];
+// Vectors of the head dim held in registers at once by NarrowLogits: the largest divisor of HV up
+// to 8 (8 widened vectors + an accumulator + a q load fit AVX2's 16 registers).
+constexpr int ChunkOf(int hv) {
+  for (int c = 8; c > 1; --c)
+    if (hv % c == 0) return c;
+  return 1;
+}
+
+// logits[g * ld + s] = scale * k_scale[s] * q[g] . k[s] for g < G, s < n (k_scale null: 1): each
+// key row is widened once, HC vectors at a time, and dotted with all G query rows (q from L1);
+// the G x kN partial dot products wait in `part` for NSums.
+template <typename T, int HV>
+void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ k, const int64_t* __restrict__ off,
+                  const float* __restrict__ k_scale, int64_t n, float scale, float* __restrict__ logits, int64_t ld) {
+  constexpr int64_t H = HV * kN;
+  constexpr int HC = ChunkOf(HV);
+  thread_local std::vector<NVec> part_buffer;
+  part_buffer.resize(G * kN);
+  NVec* __restrict__ part = part_buffer.data();  // [G, kN]
+  int64_t s = 0;
+  for (; s + kN <= n; s += kN) {
+    for (int i = 0; i < kN; ++i) {
+      const T* kr = k + off[s + i];
+      for (int h0 = 0; h0 < HV; h0 += HC) {
+        NVec kv[HC];
+        for (int h = 0; h < HC; ++h) kv[h] = LoadW(kr + (h0 + h) * kN);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = q + g * H + h0 * kN;
+          NVec a = h0 == 0 ? NLoad(qg) * kv[0] : part[g * kN + i] + NLoad(qg) * kv[0];
+          for (int h = 1; h < HC; ++h) a += NLoad(qg + h * kN) * kv[h];
+          part[g * kN + i] = a;
+        }
       }
     }
-    for (int g = 0; g < gc; ++g)
-      for (int h = 0; h < HV; ++h) Store(out + (g0 + g) * H + h * kLanes, acc[g][h]);
+    const NVec ksv = k_scale != nullptr ? NLoad(k_scale + s) * scale : NSplat(scale);
+    for (int64_t g = 0; g < G; ++g) NStore(logits + g * ld + s, NSums(part + g * kN) * ksv);
+  }
+  for (; s < n; ++s) {
+    const T* kr = k + off[s];
+    for (int64_t g = 0; g < G; ++g) {
+      NVec a = NLoad(q + g * H) * LoadW(kr);
+      for (int h = 1; h < HV; ++h) a += NLoad(q + g * H + h * kN) * LoadW(kr + h * kN);
+      logits[g * ld + s] = HSum(a) * scale * (k_scale != nullptr ? k_scale[s] : 1.0f);
+    }
   }
 }
 
-// The per-head-dim kernels: Logits and WeightedSum for head dims that are 16-lane multiples.
-struct HeadDimKernels {
-  void (*logits)(const float*, const float*, const int64_t*, int64_t, float, float*);
-  void (*weighted_sum)(const float*, int64_t, const float*, const int64_t*, int64_t, float*);
-};
-template <int HV>
-constexpr HeadDimKernels KernelsFor() {
-  // GC heads at a time: GC x HV accumulators + HV v vectors stay within 32 registers.
-  return {Logits<HV>, WeightedSum<HV, std::max(1, 24 / HV - 1)>};
-}
-// Index HV = H / 16 for H = 16 .. 128; nullptr (other head dims): the generic loops.
-const HeadDimKernels* ForHeadDim(int64_t H) {
-  static const HeadDimKernels table[] = {KernelsFor<1>(), KernelsFor<2>(), KernelsFor<3>(), KernelsFor<4>(),
-                                         KernelsFor<5>(), KernelsFor<6>(), KernelsFor<7>(), KernelsFor<8>()};
-  if (H % kLanes != 0 || H / kLanes < 1 || H / kLanes > 8) return nullptr;
-  return &table[H / kLanes - 1];
+// out[g, 0:HC kN] += sum_s probs[g * ld + s] v[off[s]:][0:HC kN] for g < GC, s < n; rows of out
+// H apart. GC x HC accumulators stay in registers while the rows stream.
+template <typename T, int GC, int HC>
+void NarrowWeightedSum(const float* __restrict__ probs, int64_t ld, int64_t n, const T* __restrict__ v,
+                       const int64_t* __restrict__ off, int64_t H, float* __restrict__ out) {
+  NVec acc[GC][HC];
+  for (int g = 0; g < GC; ++g)
+    for (int h = 0; h < HC; ++h) acc[g][h] = NLoad(out + g * H + h * kN);
+  for (int64_t s = 0; s < n; ++s) {
+    const T* vr = v + off[s];
+    for (int h = 0; h < HC; ++h) {
+      const NVec w = LoadW(vr + h * kN);
+      for (int g = 0; g < GC; ++g) acc[g][h] += probs[g * ld + s] * w;
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int h = 0; h < HC; ++h) NStore(out + g * H + h * kN, acc[g][h]);
 }
 
-struct Problem {
-  const float *q, *k, *v;
-  mmjax_rows::Rows rows;  // which rows of k / v each task reads (rows.h)
+// Heads per NarrowWeightedSum: 2 x GC accumulators + 2 widened rows + broadcasts fit the
+// 16 (AVX2) or 32 (AVX-512) registers.
+constexpr int kGC = kN >= 16 ? 8 : 4;
+template <typename T>
+using WeightedSumFn = void (*)(const float*, int64_t, int64_t, const T*, const int64_t*, int64_t, float*);
+template <typename T, int HC, size_t... GC>
+constexpr std::array<WeightedSumFn<T>, sizeof...(GC)> WeightedSums(std::index_sequence<GC...>) {
+  return {NarrowWeightedSum<T, int(GC) + 1, HC>...};
+}
+// kWeightedSum<T>[hc - 1][gc - 1]: hc in 1..2 vectors of the head dim, gc in 1..kGC heads.
+template <typename T>
+const std::array<WeightedSumFn<T>, kGC> kWeightedSum[2] = {WeightedSums<T, 1>(std::make_index_sequence<kGC>()),
+                                                           WeightedSums<T, 2>(std::make_index_sequence<kGC>())};
+
+template <typename T>
+using LogitsFn = void (*)(const float*, int64_t, const T*, const int64_t*, const float*, int64_t, float, float*, int64_t);
+template <typename T, size_t... HV>
+constexpr std::array<LogitsFn<T>, sizeof...(HV)> NarrowLogitsTable(std::index_sequence<HV...>) {
+  return {NarrowLogits<T, int(HV) + 1>...};
+}
+// Head dims kN .. 256 in whole native vectors (AVX2: 8, 16, .., 256); others: plain loops.
+constexpr int kMaxHV = 256 / kN;
+template <typename T>
+LogitsFn<T> NarrowLogitsFor(int64_t H) {
+  static const auto table = NarrowLogitsTable<T>(std::make_index_sequence<kMaxHV>());
+  if (H % kN != 0 || H / kN < 1 || H / kN > kMaxHV) return nullptr;
+  return table[H / kN - 1];
+}
+
+// Decode attention over a cache of T (uint16_t: bfloat16, int8_t: int8 with k_scale / v_scale,
+// one per row: [B, K, S] or, paged, [K, P, Z]). q, out float32 [B, K, G, H]; rows.h says which
+// rows of k / v each (b, kv head) task reads.
+template <typename T>
+struct NarrowProblem {
+  const float* q;
+  const T *k, *v;
+  const float *k_scale, *v_scale;  // null for bfloat16
+  mmjax_rows::Rows rows;
   float* out;
   int64_t G;
   float scale;
 
-  // One (b, kv head) pair.
-  void Task(int64_t bk, std::vector<float>& logits, std::vector<int64_t>& off) const {
+  void Task(int64_t bk, std::vector<float>& logits, std::vector<int64_t>& off, std::vector<float>& scales) const {
     const int64_t K = rows.K, H = rows.H;
     const int64_t n = rows.Offsets(bk / K, bk % K, off);
     const float* qp = q + bk * G * H;  // [G, H]
     float* op = out + bk * G * H;
-    if (n <= 0) {
-      std::memset(op, 0, G * H * sizeof(float));
-      return;
-    }
+    std::memset(op, 0, G * H * sizeof(float));
+    if (n <= 0) return;
     logits.resize(G * n);
-    const HeadDimKernels* fast = ForHeadDim(H);
-    // logits[g, s] = scale * q[g] . k[s]
-    for (int64_t g = 0; g < G; ++g) {
+    const float *ks = nullptr, *vs = nullptr;  // [n]: the rows' scales, in order
+    if (k_scale != nullptr) {
+      scales.resize(2 * n);
+      for (int64_t s = 0; s < n; ++s) {
+        scales[s] = k_scale[off[s] / H];
+        scales[n + s] = v_scale[off[s] / H];
+      }
+      ks = scales.data();
+      vs = ks + n;
+    }
+    // Keys in tiles of ~16 KiB of cache (the weighted sum's passes over a tile after the first
+    // find it in L1).
+    const int64_t tile = std::max<int64_t>(kN, 16384 / (H * int64_t(sizeof(T))) / kN * kN);
+    const LogitsFn<T> fast = NarrowLogitsFor<T>(H);
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+      const int64_t m = std::min(tile, n - t0);
       if (fast != nullptr) {
-        fast->logits(qp + g * H, k, off.data(), n, scale, logits.data() + g * n);
+        fast(qp, G, k, off.data() + t0, ks != nullptr ? ks + t0 : nullptr, m, scale, logits.data() + t0, n);
         continue;
       }
-      const float* qr = qp + g * H;
-      for (int64_t s = 0; s < n; ++s) {
-        const float* kr = k + off[s];
-        float dot = 0;
-        for (int64_t h = 0; h < H; ++h) dot += qr[h] * kr[h];
-        logits[g * n + s] = dot * scale;
-      }
-    }
-    // probs = softmax over s, per g
-    const int64_t nv = n / kLanes * kLanes;
-    for (int64_t g = 0; g < G; ++g) {
-      float* l = logits.data() + g * n;
-      float m = l[0];
-      if (nv > 0) {
-        Vec mv = Load(l);
-        for (int64_t s = kLanes; s < nv; s += kLanes) {
-          const Vec x = Load(l + s);
-          mv = x > mv ? x : mv;
-        }
-        m = std::max(m, HMax(mv));
-      }
-      for (int64_t s = nv; s < n; ++s) m = std::max(m, l[s]);
-      Vec tv{};
-      for (int64_t s = 0; s < nv; s += kLanes) {
-        const Vec e = Exp(Load(l + s) - m);
-        Store(l + s, e);
-        tv += e;
-      }
-      float total = HSum(tv);
-      for (int64_t s = nv; s < n; ++s) {
-        l[s] = ExpScalar(l[s] - m);
-        total += l[s];
-      }
-      const Vec tot = Splat(total);
-      for (int64_t s = 0; s < nv; s += kLanes) Store(l + s, Load(l + s) / tot);
-      for (int64_t s = nv; s < n; ++s) l[s] = l[s] / total;
-    }
-    // out[g] = sum_s probs[g, s] v[s]
-    if (fast != nullptr) {
-      fast->weighted_sum(logits.data(), n, v, off.data(), G, op);
-      return;
-    }
-    std::memset(op, 0, G * H * sizeof(float));
-    for (int64_t s = 0; s < n; ++s) {
-      const float* vr = v + off[s];
       for (int64_t g = 0; g < G; ++g) {
-        const float p = logits[g * n + s];
-        float* o = op + g * H;
-        for (int64_t h = 0; h < H; ++h) o[h] += p * vr[h];
+        float* l = logits.data() + g * n + t0;
+        for (int64_t s = 0; s < m; ++s) {
+          const T* kr = k + off[t0 + s];
+          float dot = 0;
+          for (int64_t h = 0; h < H; ++h) dot += qp[g * H + h] * ToFloat(kr[h]);
+          l[s] = dot * scale * (ks != nullptr ? ks[t0 + s] : 1.0f);
+        }
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) NarrowSoftmax(logits.data() + g * n, n, vs);
+    // out[g] = sum_s probs[g, s] v[s]: per tile of keys, per pair of head-dim vectors, per kGC
+    // heads; the tile stays in L1 for the passes after the first.
+    for (int64_t t0 = 0; t0 < n; t0 += tile) {
+      const int64_t m = std::min(tile, n - t0);
+      if (fast == nullptr) {
+        for (int64_t s = 0; s < m; ++s) {
+          const T* vr = v + off[t0 + s];
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = logits[g * n + t0 + s];
+            for (int64_t h = 0; h < H; ++h) op[g * H + h] += p * ToFloat(vr[h]);
+          }
+        }
+        continue;
+      }
+      for (int64_t h0 = 0; h0 < H; h0 += 2 * kN) {
+        const int hc = H - h0 >= 2 * kN ? 2 : 1;
+        for (int64_t g0 = 0; g0 < G; g0 += kGC) {
+          const int gc = int(std::min<int64_t>(kGC, G - g0));
+          kWeightedSum<T>[hc - 1][gc - 1](logits.data() + g0 * n + t0, n, m, v + h0, off.data() + t0, H,
+                                          op + g0 * H + h0);
+        }
       }
     }
   }
 
   void Run(ffi::ThreadPool& pool, int64_t B) const {
     mmjax_pool::ParallelFor(pool, B * rows.K, [this](int64_t t) {
-      thread_local std::vector<float> logits;
+      thread_local std::vector<float> logits, scales;
       thread_local std::vector<int64_t> off;
-      Task(t, logits, off);
+      Task(t, logits, off, scales);
     });
   }
 };
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> start,
-                               ffi::Buffer<ffi::S32> end, ffi::ResultBuffer<ffi::F32> out, float scale) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || kd[1] != qd[1] ||
-      kd[3] != qd[3] || !std::equal(kd.begin(), kd.end(), vd.begin()) ||
-      start.dimensions().size() != 1 || start.dimensions()[0] != qd[0] ||
-      end.dimensions().size() != 1 || end.dimensions()[0] != qd[0])
-    return ffi::Error::InvalidArgument(
-        "mmjax_decode_attention_f32: expects q [B, K, G, H], k/v [B, K, S, H], start/end [B]");
-  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), {}, out->typed_data(), qd[2], scale};
-  p.rows.K = qd[1];
-  p.rows.H = qd[3];
-  p.rows.start = start.typed_data();
-  p.rows.end = end.typed_data();
-  p.rows.S = kd[2];
-  p.Run(pool, qd[0]);
-  return ffi::Error::Success();
+// The shapes both variants expect: q [B, K, G, H], k/v [B, K, S, H], start/end [B] and, for
+// int8, k_scale / v_scale [B, K, S].
+ffi::Error CheckShapes(const char* name, ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
+                       ffi::Span<const int64_t> vd, ffi::Span<const int64_t> sd, ffi::Span<const int64_t> ed,
+                       const ffi::Span<const int64_t>* scales = nullptr) {
+  bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && kd[0] == qd[0] && kd[1] == qd[1] &&
+            kd[3] == qd[3] && std::equal(kd.begin(), kd.end(), vd.begin()) && sd.size() == 1 &&
+            sd[0] == qd[0] && ed.size() == 1 && ed[0] == qd[0];
+  for (int i = 0; ok && scales != nullptr && i < 2; ++i)
+    ok = scales[i].size() == 3 && std::equal(scales[i].begin(), scales[i].end(), kd.begin());
+  if (ok) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(name) + ": expects q [B, K, G, H], k/v [B, K, S, H], start/end [B]" +
+                                     (scales != nullptr ? ", k_scale/v_scale [B, K, S]" : ""));
 }
 
-// The same over the serving engine's pools: q [B, K, G, H], k/v pages [K, P, Z, H], block tables
-// [B, L], lengths [B] (rows.h).
-ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables,
-                                    ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = tables.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[1] || kd[3] != qd[3] ||
-      !std::equal(kd.begin(), kd.end(), vd.begin()) || td.size() != 2 || td[0] != qd[0] ||
-      lengths.dimensions().size() != 1 || lengths.dimensions()[0] != qd[0] || kd[1] < 1)
-    return ffi::Error::InvalidArgument(
-        "mmjax_paged_decode_attention_f32: expects q [B, K, G, H], k/v pages [K, P, Z, H], tables [B, L], "
-        "lengths [B]");
-  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), {}, out->typed_data(), qd[2], scale};
+template <typename T>
+void RunNarrow(ffi::ThreadPool& pool, const float* q, const T* k, const T* v, const float* k_scale,
+               const float* v_scale, const int32_t* start, const int32_t* end, float* out,
+               ffi::Span<const int64_t> qd, int64_t S, float scale) {
+  NarrowProblem<T> p{q, k, v, k_scale, v_scale, {}, out, qd[2], scale};
   p.rows.K = qd[1];
   p.rows.H = qd[3];
-  p.rows.end = lengths.typed_data();
-  p.rows.tables = tables.typed_data();
-  p.rows.L = td[1];
+  p.rows.start = start;
+  p.rows.end = end;
+  p.rows.S = S;
+  p.Run(pool, qd[0]);
+}
+
+// The paged variant: k/v pages [K, P, Z, H] (scales [K, P, Z]), tables [B, L], lengths [B].
+ffi::Error CheckPagedShapes(const char* name, ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
+                            ffi::Span<const int64_t> vd, ffi::Span<const int64_t> td, ffi::Span<const int64_t> ld,
+                            const ffi::Span<const int64_t>* scales = nullptr) {
+  bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && kd[0] == qd[1] && kd[3] == qd[3] && kd[1] >= 1 &&
+            std::equal(kd.begin(), kd.end(), vd.begin()) && td.size() == 2 && td[0] == qd[0] && ld.size() == 1 &&
+            ld[0] == qd[0];
+  for (int i = 0; ok && scales != nullptr && i < 2; ++i)
+    ok = scales[i].size() == 3 && std::equal(scales[i].begin(), scales[i].end(), kd.begin());
+  if (ok) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(name) +
+                                     ": expects q [B, K, G, H], k/v pages [K, P, Z, H], tables [B, L], lengths [B]" +
+                                     (scales != nullptr ? ", k_scale/v_scale [K, P, Z]" : ""));
+}
+
+template <typename T>
+void RunPaged(ffi::ThreadPool& pool, const float* q, const T* k, const T* v, const float* k_scale,
+              const float* v_scale, const int32_t* tables, const int32_t* lengths, float* out,
+              ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, int64_t L, float scale) {
+  NarrowProblem<T> p{q, k, v, k_scale, v_scale, {}, out, qd[2], scale};
+  p.rows.K = qd[1];
+  p.rows.H = qd[3];
+  p.rows.end = lengths;
+  p.rows.tables = tables;
+  p.rows.L = L;
   p.rows.P = kd[1];
   p.rows.Z = kd[2];
   p.Run(pool, qd[0]);
+}
+
+ffi::Error DecodeAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end,
+                              ffi::ResultBuffer<ffi::F32> out, float scale) {
+  if (auto e = CheckShapes("mmjax_decode_attention_f32", q.dimensions(), k.dimensions(), v.dimensions(),
+                           start.dimensions(), end.dimensions());
+      e.failure())
+    return e;
+  RunNarrow<float>(pool, q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr, start.typed_data(),
+                   end.typed_data(), out->typed_data(), q.dimensions(), k.dimensions()[2], scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedDecodeAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables,
+                                   ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  if (auto e = CheckPagedShapes("mmjax_paged_decode_attention_f32", q.dimensions(), k.dimensions(), v.dimensions(),
+                                tables.dimensions(), lengths.dimensions());
+      e.failure())
+    return e;
+  RunPaged<float>(pool, q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr, tables.typed_data(),
+                  lengths.typed_data(), out->typed_data(), q.dimensions(), k.dimensions(), tables.dimensions()[1],
+                  scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
+                               ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end,
+                               ffi::ResultBuffer<ffi::F32> out, float scale) {
+  if (auto e = CheckShapes("mmjax_decode_attention_bf16", q.dimensions(), k.dimensions(), v.dimensions(),
+                           start.dimensions(), end.dimensions());
+      e.failure())
+    return e;
+  RunNarrow<uint16_t>(pool, q.typed_data(), k.typed_data(),
+                      v.typed_data(), nullptr, nullptr, start.typed_data(),
+                      end.typed_data(), out->typed_data(), q.dimensions(), k.dimensions()[2], scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
+                             ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
+                             ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end,
+                             ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const ffi::Span<const int64_t> scales[2] = {k_scale.dimensions(), v_scale.dimensions()};
+  if (auto e = CheckShapes("mmjax_decode_attention_s8", q.dimensions(), k.dimensions(), v.dimensions(),
+                           start.dimensions(), end.dimensions(), scales);
+      e.failure())
+    return e;
+  RunNarrow<int8_t>(pool, q.typed_data(), k.typed_data(), v.typed_data(), k_scale.typed_data(),
+                    v_scale.typed_data(), start.typed_data(), end.typed_data(), out->typed_data(), q.dimensions(),
+                    k.dimensions()[2], scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedDecodeAttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
+                                    ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> tables,
+                                    ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  if (auto e = CheckPagedShapes("mmjax_paged_decode_attention_bf16", q.dimensions(), k.dimensions(), v.dimensions(),
+                                tables.dimensions(), lengths.dimensions());
+      e.failure())
+    return e;
+  RunPaged<uint16_t>(pool, q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr, tables.typed_data(),
+                     lengths.typed_data(), out->typed_data(), q.dimensions(), k.dimensions(),
+                     tables.dimensions()[1], scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedDecodeAttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
+                                  ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scale,
+                                  ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> tables,
+                                  ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const ffi::Span<const int64_t> scales[2] = {k_scale.dimensions(), v_scale.dimensions()};
+  if (auto e = CheckPagedShapes("mmjax_paged_decode_attention_s8", q.dimensions(), k.dimensions(), v.dimensions(),
+                                tables.dimensions(), lengths.dimensions(), scales);
+      e.failure())
+    return e;
+  RunPaged<int8_t>(pool, q.typed_data(), k.typed_data(), v.typed_data(), k_scale.typed_data(), v_scale.typed_data(),
+                   tables.typed_data(), lengths.typed_data(), out->typed_data(), q.dimensions(), k.dimensions(),
+                   tables.dimensions()[1], scale);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionF32, DecodeAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionF32, DecodeAttentionF32,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -254,10 +416,54 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionF32, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionF32, PagedDecodeAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionF32, PagedDecodeAttentionF32,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionBF16, DecodeAttentionBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionS8, DecodeAttentionS8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionBF16, PagedDecodeAttentionBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionS8, PagedDecodeAttentionS8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

@@ -43,8 +43,7 @@ __all__ = ["CACHE_DTYPES", "PAGED_TARGETS", "TARGET", "TARGETS", "decode_attenti
            "decode_attention_cpu_reference", "dequantize_cache", "eligible", "gather_rows", "paged_decode_attention_cpu",
            "paged_decode_attention_cpu_reference"]
 
-# The cache dtype's custom call (decode_attention.cc: the float32 kernel, and one template for
-# the narrow caches).
+# The cache dtype's custom call (decode_attention.cc: one template for the three dtypes).
 TARGETS = {"float32": "mmjax_decode_attention_f32", "bfloat16": "mmjax_decode_attention_bf16",
            "int8": "mmjax_decode_attention_s8"}
 TARGET = TARGETS["float32"]

@@ -28,7 +28,7 @@ from mmjax.compile_cache import cache_root
 __all__ = ["HEADERS", "SOURCES", "TARGETS", "attention_with_reference_vjp", "available", "build", "error", "load"]
 
 _HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(_HERE, f) for f in ("gemv.cc", "decode_attention.cc", "decode_attention_narrow.cc",
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("gemv.cc", "decode_attention.cc",
                                                   "prefill_attention.cc", "write_rows.cc"))
 HEADERS = tuple(os.path.join(_HERE, f) for f in ("simd.h", "pool.h", "rows.h"))
 # XLA target name -> the handler symbol the library exports.

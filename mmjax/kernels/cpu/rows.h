@@ -1,6 +1,5 @@
-// Which cache rows one (b, kv head) task of decode attention reads (decode_attention.cc,
-// decode_attention_narrow.cc): the offsets, in values from the start of the K (or V) buffer, of
-// its visible rows in order. K and V share them; an int8 row's scale is at offset / H.
+// Which cache rows one (b, kv head) task of decode attention (decode_attention.cc) reads: the
+// offsets, in values from the start of the K (or V) buffer, of its visible rows in order. K and V share them; an int8 row's scale is at offset / H.
 //  * a contiguous cache [B, K, S, H] (mmjax.generate's): rows start[b] <= s < end[b] of (b, kh);
 //  * paged pools [K, P, Z, H] (the serving engine's): rows s < lengths[b], row s being row s % Z
 //    of page tables[b, s / Z] (a page outside [0, P) is clamped into it, as XLA's gather does).
