@@ -36,8 +36,8 @@ def _case(lengths, K, G, H, Z, L, P=40, cache="float32", q_dtype="float32", seed
 
 def _gathered(q, kp, vp, tables, lengths, scales):
     """decode_attention_cpu over each row's gathered cache: mmjax.generate's path."""
-    k, v = cda.gather_rows(kp, tables), cda.gather_rows(vp, tables)
-    gs = {n: cda.gather_rows(s, tables) for n, s in scales.items()}
+    k, v = cda.gather_pages(kp, tables), cda.gather_pages(vp, tables)
+    gs = {n: cda.gather_pages(s, tables) for n, s in scales.items()}
     return cda.decode_attention_cpu(q, k, v, jnp.zeros_like(lengths), lengths, **gs)
 
 

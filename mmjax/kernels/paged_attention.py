@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from mmjax.errors import InputError
 from mmjax.kernels.cpu import decode_attention as cpu_decode
+from mmjax.kernels.cpu.decode_attention import gather_pages
 from mmjax.kernels.cpu import write_rows as cpu_write_rows
 from mmjax.kernels.mask import MaskSpec
 from mmjax.kernels.policy import KernelPolicy, dispatch
@@ -57,12 +58,6 @@ def write_pages(pages, new, slots, kernels: KernelPolicy = DEFAULT):
         return cpu_write_rows.write_rows(pages, upd.reshape(r.size, -1), r.reshape(-1))
 
     return cpu_write_rows.dispatch_write(kernels, rows, xla, pages, upd, slots)
-
-
-def gather_pages(pages, block_tables):
-    """pages [K, P, Z, H] (or scales [K, P, Z]), block_tables [B, L] -> [B, K, L*Z(, H)]: each
-    row's keys in order."""
-    return cpu_decode.gather_rows(pages, block_tables)
 
 
 def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=None):

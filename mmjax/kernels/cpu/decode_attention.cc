@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -265,208 +266,105 @@ struct NarrowProblem {
   }
 };
 
-// The shapes both variants expect: q [B, K, G, H], k/v [B, K, S, H], start/end [B] and, for
-// int8, k_scale / v_scale [B, K, S].
+// The shapes each call expects: q [B, K, G, H] and
+//  * contiguous: k/v [B, K, S, H], a = start [B], b = end [B];
+//  * paged: k/v pages [K, P, Z, H], a = tables [B, L], b = lengths [B];
+// int8: k_scale / v_scale the first three dims of k ([B, K, S] or [K, P, Z]).
+template <bool kPaged>
 ffi::Error CheckShapes(const char* name, ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
-                       ffi::Span<const int64_t> vd, ffi::Span<const int64_t> sd, ffi::Span<const int64_t> ed,
-                       const ffi::Span<const int64_t>* scales = nullptr) {
-  bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && kd[0] == qd[0] && kd[1] == qd[1] &&
-            kd[3] == qd[3] && std::equal(kd.begin(), kd.end(), vd.begin()) && sd.size() == 1 &&
-            sd[0] == qd[0] && ed.size() == 1 && ed[0] == qd[0];
+                       ffi::Span<const int64_t> vd, ffi::Span<const int64_t> ad, ffi::Span<const int64_t> bd,
+                       const ffi::Span<const int64_t>* scales) {
+  bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && std::equal(kd.begin(), kd.end(), vd.begin()) &&
+            kd[3] == qd[3] && bd.size() == 1 && bd[0] == qd[0];
+  if (kPaged)
+    ok = ok && kd[0] == qd[1] && kd[1] >= 1 && ad.size() == 2 && ad[0] == qd[0];
+  else
+    ok = ok && kd[0] == qd[0] && kd[1] == qd[1] && ad.size() == 1 && ad[0] == qd[0];
   for (int i = 0; ok && scales != nullptr && i < 2; ++i)
     ok = scales[i].size() == 3 && std::equal(scales[i].begin(), scales[i].end(), kd.begin());
   if (ok) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(std::string(name) + ": expects q [B, K, G, H], k/v [B, K, S, H], start/end [B]" +
-                                     (scales != nullptr ? ", k_scale/v_scale [B, K, S]" : ""));
+  const std::string layout = kPaged ? "k/v pages [K, P, Z, H], tables [B, L], lengths [B]"
+                                    : "k/v [B, K, S, H], start/end [B]";
+  const std::string scale_layout = kPaged ? "[K, P, Z]" : "[B, K, S]";
+  return ffi::Error::InvalidArgument(std::string(name) + ": expects q [B, K, G, H], " + layout +
+                                     (scales != nullptr ? ", k_scale/v_scale " + scale_layout : ""));
 }
 
-template <typename T>
-void RunNarrow(ffi::ThreadPool& pool, const float* q, const T* k, const T* v, const float* k_scale,
-               const float* v_scale, const int32_t* start, const int32_t* end, float* out,
-               ffi::Span<const int64_t> qd, int64_t S, float scale) {
-  NarrowProblem<T> p{q, k, v, k_scale, v_scale, {}, out, qd[2], scale};
+// Checks the shapes, then runs NarrowProblem<T> over the rows of the contiguous cache or the pools.
+template <bool kPaged, typename KV>
+ffi::Error Solve(const char* name, ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, KV k, KV v,
+                 const ffi::Buffer<ffi::F32>* k_scale, const ffi::Buffer<ffi::F32>* v_scale, ffi::Buffer<ffi::S32> a,
+                 ffi::Buffer<ffi::S32> b, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  const ffi::Span<const int64_t> scales[2] = {k_scale != nullptr ? k_scale->dimensions() : kd,
+                                              v_scale != nullptr ? v_scale->dimensions() : kd};
+  if (auto e = CheckShapes<kPaged>(name, qd, kd, v.dimensions(), a.dimensions(), b.dimensions(),
+                                   k_scale != nullptr ? scales : nullptr);
+      e.failure())
+    return e;
+  using T = std::remove_pointer_t<decltype(k.typed_data())>;
+  NarrowProblem<T> p{q.typed_data(), k.typed_data(), v.typed_data(),
+                     k_scale != nullptr ? k_scale->typed_data() : nullptr,
+                     v_scale != nullptr ? v_scale->typed_data() : nullptr, {}, out->typed_data(), qd[2], scale};
   p.rows.K = qd[1];
   p.rows.H = qd[3];
-  p.rows.start = start;
-  p.rows.end = end;
-  p.rows.S = S;
+  p.rows.end = b.typed_data();
+  if (kPaged) {
+    p.rows.tables = a.typed_data();
+    p.rows.L = a.dimensions()[1];
+    p.rows.P = kd[1];
+    p.rows.Z = kd[2];
+  } else {
+    p.rows.start = a.typed_data();
+    p.rows.S = kd[2];
+  }
   p.Run(pool, qd[0]);
-}
-
-// The paged variant: k/v pages [K, P, Z, H] (scales [K, P, Z]), tables [B, L], lengths [B].
-ffi::Error CheckPagedShapes(const char* name, ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
-                            ffi::Span<const int64_t> vd, ffi::Span<const int64_t> td, ffi::Span<const int64_t> ld,
-                            const ffi::Span<const int64_t>* scales = nullptr) {
-  bool ok = qd.size() == 4 && kd.size() == 4 && vd.size() == 4 && kd[0] == qd[1] && kd[3] == qd[3] && kd[1] >= 1 &&
-            std::equal(kd.begin(), kd.end(), vd.begin()) && td.size() == 2 && td[0] == qd[0] && ld.size() == 1 &&
-            ld[0] == qd[0];
-  for (int i = 0; ok && scales != nullptr && i < 2; ++i)
-    ok = scales[i].size() == 3 && std::equal(scales[i].begin(), scales[i].end(), kd.begin());
-  if (ok) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument(std::string(name) +
-                                     ": expects q [B, K, G, H], k/v pages [K, P, Z, H], tables [B, L], lengths [B]" +
-                                     (scales != nullptr ? ", k_scale/v_scale [K, P, Z]" : ""));
-}
-
-template <typename T>
-void RunPaged(ffi::ThreadPool& pool, const float* q, const T* k, const T* v, const float* k_scale,
-              const float* v_scale, const int32_t* tables, const int32_t* lengths, float* out,
-              ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, int64_t L, float scale) {
-  NarrowProblem<T> p{q, k, v, k_scale, v_scale, {}, out, qd[2], scale};
-  p.rows.K = qd[1];
-  p.rows.H = qd[3];
-  p.rows.end = lengths;
-  p.rows.tables = tables;
-  p.rows.L = L;
-  p.rows.P = kd[1];
-  p.rows.Z = kd[2];
-  p.Run(pool, qd[0]);
-}
-
-ffi::Error DecodeAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end,
-                              ffi::ResultBuffer<ffi::F32> out, float scale) {
-  if (auto e = CheckShapes("mmjax_decode_attention_f32", q.dimensions(), k.dimensions(), v.dimensions(),
-                           start.dimensions(), end.dimensions());
-      e.failure())
-    return e;
-  RunNarrow<float>(pool, q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr, start.typed_data(),
-                   end.typed_data(), out->typed_data(), q.dimensions(), k.dimensions()[2], scale);
   return ffi::Error::Success();
 }
 
-ffi::Error PagedDecodeAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables,
-                                   ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
-  if (auto e = CheckPagedShapes("mmjax_paged_decode_attention_f32", q.dimensions(), k.dimensions(), v.dimensions(),
-                                tables.dimensions(), lengths.dimensions());
-      e.failure())
-    return e;
-  RunPaged<float>(pool, q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr, tables.typed_data(),
-                  lengths.typed_data(), out->typed_data(), q.dimensions(), k.dimensions(), tables.dimensions()[1],
-                  scale);
-  return ffi::Error::Success();
+template <ffi::DataType DT, bool kPaged>
+const char* TargetName() {
+  static const char* const names[2][3] = {
+      {"mmjax_decode_attention_f32", "mmjax_decode_attention_bf16", "mmjax_decode_attention_s8"},
+      {"mmjax_paged_decode_attention_f32", "mmjax_paged_decode_attention_bf16", "mmjax_paged_decode_attention_s8"}};
+  return names[kPaged][DT == ffi::F32 ? 0 : DT == ffi::BF16 ? 1 : 2];
 }
 
-ffi::Error DecodeAttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
-                               ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end,
-                               ffi::ResultBuffer<ffi::F32> out, float scale) {
-  if (auto e = CheckShapes("mmjax_decode_attention_bf16", q.dimensions(), k.dimensions(), v.dimensions(),
-                           start.dimensions(), end.dimensions());
-      e.failure())
-    return e;
-  RunNarrow<uint16_t>(pool, q.typed_data(), k.typed_data(),
-                      v.typed_data(), nullptr, nullptr, start.typed_data(),
-                      end.typed_data(), out->typed_data(), q.dimensions(), k.dimensions()[2], scale);
-  return ffi::Error::Success();
+// The handlers: a float32 or bfloat16 cache, and an int8 cache with its scales.
+template <ffi::DataType DT, bool kPaged>
+ffi::Error DecodeFloat(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<DT> k, ffi::Buffer<DT> v,
+                       ffi::Buffer<ffi::S32> a, ffi::Buffer<ffi::S32> b, ffi::ResultBuffer<ffi::F32> out,
+                       float scale) {
+  return Solve<kPaged>(TargetName<DT, kPaged>(), pool, q, k, v, nullptr, nullptr, a, b, out, scale);
 }
 
-ffi::Error DecodeAttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
-                             ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
-                             ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::S32> end,
-                             ffi::ResultBuffer<ffi::F32> out, float scale) {
-  const ffi::Span<const int64_t> scales[2] = {k_scale.dimensions(), v_scale.dimensions()};
-  if (auto e = CheckShapes("mmjax_decode_attention_s8", q.dimensions(), k.dimensions(), v.dimensions(),
-                           start.dimensions(), end.dimensions(), scales);
-      e.failure())
-    return e;
-  RunNarrow<int8_t>(pool, q.typed_data(), k.typed_data(), v.typed_data(), k_scale.typed_data(),
-                    v_scale.typed_data(), start.typed_data(), end.typed_data(), out->typed_data(), q.dimensions(),
-                    k.dimensions()[2], scale);
-  return ffi::Error::Success();
+template <bool kPaged>
+ffi::Error DecodeS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::S8> v,
+                    ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> a,
+                    ffi::Buffer<ffi::S32> b, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  return Solve<kPaged>(TargetName<ffi::S8, kPaged>(), pool, q, k, v, &k_scale, &v_scale, a, b, out, scale);
 }
 
-ffi::Error PagedDecodeAttentionBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::BF16> k,
-                                    ffi::Buffer<ffi::BF16> v, ffi::Buffer<ffi::S32> tables,
-                                    ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
-  if (auto e = CheckPagedShapes("mmjax_paged_decode_attention_bf16", q.dimensions(), k.dimensions(), v.dimensions(),
-                                tables.dimensions(), lengths.dimensions());
-      e.failure())
-    return e;
-  RunPaged<uint16_t>(pool, q.typed_data(), k.typed_data(), v.typed_data(), nullptr, nullptr, tables.typed_data(),
-                     lengths.typed_data(), out->typed_data(), q.dimensions(), k.dimensions(),
-                     tables.dimensions()[1], scale);
-  return ffi::Error::Success();
-}
-
-ffi::Error PagedDecodeAttentionS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
-                                  ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scale,
-                                  ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> tables,
-                                  ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out, float scale) {
-  const ffi::Span<const int64_t> scales[2] = {k_scale.dimensions(), v_scale.dimensions()};
-  if (auto e = CheckPagedShapes("mmjax_paged_decode_attention_s8", q.dimensions(), k.dimensions(), v.dimensions(),
-                                tables.dimensions(), lengths.dimensions(), scales);
-      e.failure())
-    return e;
-  RunPaged<int8_t>(pool, q.typed_data(), k.typed_data(), v.typed_data(), k_scale.typed_data(), v_scale.typed_data(),
-                   tables.typed_data(), lengths.typed_data(), out->typed_data(), q.dimensions(), k.dimensions(),
-                   tables.dimensions()[1], scale);
-  return ffi::Error::Success();
+// Their bindings: q, k, v (, k_scale, v_scale), a, b -> out, attribute scale.
+template <ffi::DataType DT>
+auto Binding() {
+  auto kv = ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<DT>>().template
+            Arg<ffi::Buffer<DT>>();
+  if constexpr (DT == ffi::S8) {
+    return std::move(kv).template Arg<ffi::Buffer<ffi::F32>>().template Arg<ffi::Buffer<ffi::F32>>().template
+        Arg<ffi::Buffer<ffi::S32>>().template Arg<ffi::Buffer<ffi::S32>>().template Ret<ffi::Buffer<ffi::F32>>()
+        .template Attr<float>("scale");
+  } else {
+    return std::move(kv).template Arg<ffi::Buffer<ffi::S32>>().template Arg<ffi::Buffer<ffi::S32>>().template
+        Ret<ffi::Buffer<ffi::F32>>().template Attr<float>("scale");
+  }
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionF32, DecodeAttentionF32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionF32, PagedDecodeAttentionF32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionBF16, DecodeAttentionBF16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionS8, DecodeAttentionS8,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionBF16, PagedDecodeAttentionBF16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionS8, PagedDecodeAttentionS8,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionF32, (DecodeFloat<ffi::F32, false>), Binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionBF16, (DecodeFloat<ffi::BF16, false>), Binding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxDecodeAttentionS8, DecodeS8<false>, Binding<ffi::S8>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionF32, (DecodeFloat<ffi::F32, true>), Binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionBF16, (DecodeFloat<ffi::BF16, true>), Binding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmjaxPagedDecodeAttentionS8, DecodeS8<true>, Binding<ffi::S8>());

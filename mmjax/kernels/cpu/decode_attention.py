@@ -40,7 +40,7 @@ from mmjax.kernels.cpu import ffi
 from mmjax.kernels.decode_attention import decode_attention_reference
 
 __all__ = ["CACHE_DTYPES", "PAGED_TARGETS", "TARGET", "TARGETS", "decode_attention_cpu",
-           "decode_attention_cpu_reference", "dequantize_cache", "eligible", "gather_rows", "paged_decode_attention_cpu",
+           "decode_attention_cpu_reference", "dequantize_cache", "eligible", "gather_pages", "paged_decode_attention_cpu",
            "paged_decode_attention_cpu_reference"]
 
 # The cache dtype's custom call (decode_attention.cc: one template for the three dtypes).
@@ -88,6 +88,26 @@ def eligible(q, k, v, mask, k_scale=None, v_scale=None) -> bool:
             and ffi.available())
 
 
+def _check_cache(fn: str, q, k, v, k_scale, v_scale, *, paged: bool) -> str:
+    """The dtype checks of both entry points (a cache [B, K, S, H] or pages [K, P, Z, H], whose
+    int8 scales are its first three dims); the library loaded. -> the cache dtype's name."""
+    kv, int8, axes = ("k/v pages", "int8 pages", "[K, P, Z]") if paged else ("k/v", "an int8 cache", "[B, K, S]")
+    cache = _name(k)
+    if _name(q) not in QUERY_DTYPES or cache not in CACHE_DTYPES or _name(v) != cache:
+        raise ValueError(f"{fn}: q one of {', '.join(QUERY_DTYPES)} and {kv} both one of "
+                         f"{', '.join(CACHE_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cache == "int8" and not (_scales_given(k_scale, v_scale)
+                                and k_scale.shape == v_scale.shape == k.shape[:3]):
+        got = [None if s is None else f"{s.dtype} {s.shape}" for s in (k_scale, v_scale)]
+        raise ValueError(f"{fn}: {int8} {'need' if paged else 'needs'} k_scale and v_scale float32 "
+                         f"{tuple(k.shape[:3])} {axes}, got {got[0]} and {got[1]}")
+    if cache != "int8" and (k_scale is not None or v_scale is not None):
+        raise ValueError(f"{fn}: k_scale/v_scale go with {int8} only, {kv} are {cache}")
+    if ffi.load() is None:
+        raise RuntimeError(f"{fn}: kernel unavailable ({ffi.error()})")
+    return cache
+
+
 def decode_attention_cpu(q, k, v, start, end, scale: float | None = None, k_scale=None, v_scale=None):
     """q [B, 1, N, H] f32|bf16, k/v [B, K, S, H] f32|bf16|int8 (int8: k_scale/v_scale [B, K, S]
     f32), start/end [B] int32 -> [B, 1, N, H] in q's dtype."""
@@ -96,19 +116,7 @@ def decode_attention_cpu(q, k, v, start, end, scale: float | None = None, k_scal
             or num_heads % k.shape[1]:
         raise ValueError(f"decode_attention_cpu: expects q [B, 1, N, H] and k/v [B, K, S, H], "
                          f"got {q.shape}, {k.shape}, {v.shape}")
-    cache = _name(k)
-    if _name(q) not in QUERY_DTYPES or cache not in CACHE_DTYPES or _name(v) != cache:
-        raise ValueError(f"decode_attention_cpu: q one of {', '.join(QUERY_DTYPES)} and k/v both one of "
-                         f"{', '.join(CACHE_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cache == "int8" and not (_scales_given(k_scale, v_scale)
-                                and k_scale.shape == v_scale.shape == k.shape[:3]):
-        got = [None if s is None else f"{s.dtype} {s.shape}" for s in (k_scale, v_scale)]
-        raise ValueError(f"decode_attention_cpu: an int8 cache needs k_scale and v_scale float32 "
-                         f"{tuple(k.shape[:3])} [B, K, S], got {got[0]} and {got[1]}")
-    if cache != "int8" and (k_scale is not None or v_scale is not None):
-        raise ValueError(f"decode_attention_cpu: k_scale/v_scale go with an int8 cache only, k/v are {cache}")
-    if ffi.load() is None:
-        raise RuntimeError(f"decode_attention_cpu: kernel unavailable ({ffi.error()})")
+    cache = _check_cache("decode_attention_cpu", q, k, v, k_scale, v_scale, paged=False)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     start, end = jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32)
     if cache == "int8":
@@ -163,9 +171,9 @@ _decode_s8.defvjp(_decode_s8_fwd, _decode_s8_bwd)
 
 
 # --- the serving engine's pools, read through block tables ------------------------------------
-def gather_rows(pages, tables):
-    """pages [K, P, Z, ...] , tables [B, L] -> [B, K, L*Z, ...]: each row's cache in order (the
-    copy the paged kernel does not make)."""
+def gather_pages(pages, tables):
+    """pages [K, P, Z, H] (or scales [K, P, Z]), tables [B, L] -> [B, K, L*Z(, H)]: each row's
+    cache in order (the copy the paged kernel does not make; the references' and XLA's path)."""
     K, _, Z = pages.shape[:3]
     B, L = tables.shape
     return jnp.moveaxis(pages[:, tables], 1, 0).reshape(B, K, L * Z, *pages.shape[3:])
@@ -175,10 +183,10 @@ def paged_decode_attention_cpu_reference(q, k_pages, v_pages, tables, lengths, s
                                          v_scale=None):
     """jnp reference of paged_decode_attention_cpu: the pages gathered, then
     decode_attention_cpu_reference over keys [0, lengths[b])."""
-    k, v = gather_rows(k_pages, tables), gather_rows(v_pages, tables)
+    k, v = gather_pages(k_pages, tables), gather_pages(v_pages, tables)
     ks = vs = None
     if k_scale is not None:
-        ks, vs = gather_rows(k_scale, tables), gather_rows(v_scale, tables)
+        ks, vs = gather_pages(k_scale, tables), gather_pages(v_scale, tables)
     return decode_attention_cpu_reference(q, k, v, jnp.zeros_like(lengths), lengths, scale, ks, vs)
 
 
@@ -193,19 +201,7 @@ def paged_decode_attention_cpu(q, k_pages, v_pages, tables, lengths, scale: floa
         raise ValueError(f"paged_decode_attention_cpu: expects q [B, 1, N, H], k/v pages [K, P, Z, H], tables "
                          f"[B, L], lengths [B], got {q.shape}, {k_pages.shape}, {v_pages.shape}, {tables.shape}, "
                          f"{lengths.shape}")
-    cache = _name(k_pages)
-    if _name(q) not in QUERY_DTYPES or cache not in CACHE_DTYPES or _name(v_pages) != cache:
-        raise ValueError(f"paged_decode_attention_cpu: q one of {', '.join(QUERY_DTYPES)} and k/v pages both one "
-                         f"of {', '.join(CACHE_DTYPES)}, got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
-    scaled = (k_scale, v_scale) != (None, None)
-    if cache == "int8" and not (_scales_given(k_scale, v_scale) and k_scale.shape == v_scale.shape
-                                == k_pages.shape[:3]):
-        raise ValueError(f"paged_decode_attention_cpu: int8 pages need k_scale and v_scale float32 "
-                         f"{tuple(k_pages.shape[:3])} [K, P, Z]")
-    if cache != "int8" and scaled:
-        raise ValueError(f"paged_decode_attention_cpu: k_scale/v_scale go with int8 pages only, they are {cache}")
-    if ffi.load() is None:
-        raise RuntimeError(f"paged_decode_attention_cpu: kernel unavailable ({ffi.error()})")
+    cache = _check_cache("paged_decode_attention_cpu", q, k_pages, v_pages, k_scale, v_scale, paged=True)
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
     scales = (k_scale, v_scale) if cache == "int8" else ()
     return _call(q, k_pages, v_pages, *scales, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32),
