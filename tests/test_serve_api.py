@@ -210,9 +210,12 @@ def test_metrics_parse(server):
 
 
 def _send(server, max_tokens: int, stream: bool = True) -> http.client.HTTPConnection:
+    """A request for exactly max_tokens tokens: min_tokens holds off EOS, which the tiny random model
+    samples after ~64 tokens of "go on" -- a "long" request must not end early by chance."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "go on", "stream": stream,
-                                                        "max_tokens": max_tokens, "temperature": 0}),
+                                                        "max_tokens": max_tokens, "min_tokens": max_tokens,
+                                                        "temperature": 0}),
                  {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
     return conn
 
