@@ -34,9 +34,10 @@ def decode_bytes(params) -> int:
     """Every weight one decode step reads: all params but the input embedding table (a step
     gathers one row of it). Vision tower and projector are not run in decode, so excluded."""
     flat = flatten_params(params)
+    untied = "decoder/lm_head/kernel" in flat or "decoder/lm_head/kernel_panels" in flat  # panels: packed at load
     total = 0
     for path, a in flat.items():
-        if not path.startswith("decoder/") or path == "decoder/embed/embedding" and "decoder/lm_head/kernel" in flat:
+        if not path.startswith("decoder/") or path == "decoder/embed/embedding" and untied:
             continue
         total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
     return total

@@ -329,7 +329,10 @@ def compare(torch_model, torch_inputs, model, inputs: Mapping, points: Mapping[s
 
         from converters.torch2flax import load_rules  # torch2flax imports the whole converter
 
-        mapping = default_points(torch_model, load_rules(rules, cfg), params)
+        # pairing by the converter's names: the checkpoint layout (a packed kernel is named
+        # kernel_panels at run time; mmjax.kernels.cpu.panels); the run below uses `params` as loaded
+        layout = params if isinstance(model, tuple) else model.checkpoint_params()
+        mapping = default_points(torch_model, load_rules(rules, cfg), layout)
     else:
         mapping = dict(points.items() if isinstance(points, Mapping) else points)
 

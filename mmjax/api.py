@@ -10,6 +10,7 @@ import os
 import time
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,6 +58,13 @@ class Model:
             state_sharding = functools.partial(state_shardings, self.mesh)
             encoder_sharding = functools.partial(encoder_input_sharding, self.mesh, mode=self.mm_encoder_tp_mode)
         self.engine = Engine(self.module, state_sharding, encoder_sharding, self.kv_cache_dtype)
+
+    def checkpoint_params(self):
+        """`params` in the checkpoint's layout: a kernel mmjax.load packed into panels
+        (`kernel_panels`, for the CPU matmul) comes back as its `kernel`, a new unpacked array."""
+        from mmjax.kernels.cpu import panels
+
+        return panels.unpack_params(self.params, {k: v.shape for k, v in param_shapes(self.module).items()})
 
     @property
     def tokenizer(self):
@@ -123,7 +131,7 @@ def _check_family_spec(path: str, spec) -> None:
 
 def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: Buckets | None = None,
          kernels: KernelPolicy | None = None, compile_cache: bool | None = None, verify: bool = True,
-         kv_cache_dtype: str = "auto") -> Model:
+         kv_cache_dtype: str = "auto", pack_weights: bool | None = None) -> Model:
     """Load a converted folder: params (orbax) + mmjax_config.json + tokenizer/processor files.
 
     mesh: a jax Mesh or a spec such as "data:2,model:4" (docs/sharding.md); mm_encoder_tp_mode
@@ -134,7 +142,11 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
     compile_cache: JAX's persistent compilation cache (default on; MMJAX_COMPILE_CACHE=0 turns it off).
     verify: check every parameter's bytes against params/params_manifest.json first (docs/converters.md).
     kv_cache_dtype: "auto" (the model's dtype), "float32", "bfloat16" or "int8" (a scale per token
-    and kv head; mmjax.kernels.kv_cache), for generate and the serving engine."""
+    and kv head; mmjax.kernels.kv_cache), for generate and the serving engine.
+    pack_weights: store the decoder's projection kernels in column panels for the CPU matmul
+    kernel (mmjax.kernels.cpu.panels; 1.2-1.9x faster decode steps). None (default): when the
+    model runs on one CPU device with the policy's matmul_cpu="cpu"; False keeps the checkpoint
+    layout in `model.params` (model.checkpoint_params() gives it back either way)."""
     from mmjax import checkpoint, compile_cache as cc
     from mmjax.sharding.rules import ENCODER_MODES
 
@@ -190,9 +202,33 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
         mesh = make_mesh(mesh)
         target = param_shardings(family, cfg, mesh, stored_tree, mm_encoder_tp_mode=mm_encoder_tp_mode)
     params = checkpoint.restore_params(os.path.join(path, "params"), target, verify=verify)
+    if pack_weights if pack_weights is not None else _packs_by_default(cfg, mesh):
+        params = _pack_decoder(module, params)
     processor = family.processor(path, cfg) if family.processor is not None else None
     return Model(path, family, cfg, module, params, processor, dtype, buckets or DEFAULT_BUCKETS, mesh,
                  mm_encoder_tp_mode, kv_cache_dtype)
+
+
+def _packs_by_default(cfg, mesh) -> bool:
+    """Panels pay off where the CPU panel kernel runs the decode steps: one CPU device (no mesh;
+    a custom call has no sharding rule) and the decoder's policy asks for the CPU matmul."""
+    from mmjax.kernels.cpu import ffi
+
+    decoder = getattr(cfg, "decoder", None)
+    policy = getattr(decoder, "kernels", None)
+    return (mesh is None and decoder is not None and isinstance(policy, KernelPolicy) and policy.matmul_cpu == "cpu"
+            and "cpu" in policy.platforms and jax.default_backend() == "cpu" and ffi.available())
+
+
+def _pack_decoder(module, params):
+    """The decoder's Einsum kernels as panels (mmjax.kernels.cpu.panels): those are the products
+    of the decode steps; the vision tower's run once per image with many rows."""
+    from mmjax.kernels.cpu import panels
+    from mmjax.quantization import einsum_contractions
+
+    if "decoder" not in params:
+        return params
+    return panels.pack_params(params, einsum_contractions(module), select=lambda path: path.startswith("decoder/"))
 
 
 def _lengths(input_ids, attention_mask) -> np.ndarray:

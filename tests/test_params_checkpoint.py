@@ -187,7 +187,7 @@ def test_damaged_tiny_llava_is_refused_naming_the_parameter(tiny_llava, tmp_path
         mmjax.load(folder)
     assert str(folder) in str(ei.value)
     model = mmjax.load(folder, verify=False)  # the caller's choice: loads the damaged weights
-    assert model.params["decoder"]["layers_1"]["mlp"]["up"]["kernel"].shape == (64, 128)
+    assert model.checkpoint_params()["decoder"]["layers_1"]["mlp"]["up"]["kernel"].shape == (64, 128)
 
 
 _MESH_WORKER = """

@@ -135,7 +135,7 @@ def test_positions_compare_a_model_that_returns_text_positions_only(acme):
 
 def test_default_points_pair_modules_by_their_tensors(acme):
     _, _, torch_model, model, _, _ = acme
-    pts = default_points(torch_model, RULES(model.config), model.params)
+    pts = default_points(torch_model, RULES(model.config), model.checkpoint_params())
     assert pts["decoder/layers_1"] == "lm.1" and pts["decoder/layers_1/attn"] == "lm.1.attn"
     assert pts["vision/patch_embed"] == "vis.stem" and pts["projector"] == "bridge"
     # a fused torch Linear fills q, k and v: it pairs with none of them

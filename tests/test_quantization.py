@@ -93,8 +93,8 @@ def dequantized_checkpoint(src, dst, quant: QuantConfig) -> set:
 def assert_same_dequantized_kernels(int8_folder, float_folder):
     """Every int8 kernel, dequantized, equals the float conversion of the dequantized torch weights
     exactly; every other parameter is unchanged."""
-    q = flatten_params(mmjax.load(int8_folder).params)
-    f = flatten_params(mmjax.load(float_folder).params)
+    q = flatten_params(mmjax.load(int8_folder).checkpoint_params())
+    f = flatten_params(mmjax.load(float_folder).checkpoint_params())
     kernels = [p for p in q if q[p].dtype == jnp.int8]
     assert kernels and set(f) == {p for p in q if not p.endswith("kernel_scale")}
     for p in f:
@@ -125,7 +125,7 @@ def llava_int8(tiny_llava, tmp_path_factory):
 def test_llava_int8_layout_and_config(llava_int8):
     root, names, _ = llava_int8
     model = mmjax.load(root / "int8")
-    params = flatten_params(model.params)
+    params = flatten_params(model.checkpoint_params())
     kernels = assert_same_dequantized_kernels(root / "int8", root / "float_dq")
     # 2 decoder blocks x 7 Linears + 1 tower block x 6 (vision_feature_layer -2 of 2: the last
     # block is dropped); no projector, no LM head, no embedding
@@ -164,7 +164,7 @@ def test_quantize_a_converted_folder(llava_int8, tiny_llava, tmp_path):
     from the torch checkpoint; the bf16 folder's other params stay bf16, scales float32."""
     root, _, _ = llava_int8
     assert convert_cli([str(tiny_llava.flax), "--out", str(tmp_path / "a"), "--quantize", "int8", "--quiet"]) == 0
-    a, b = flatten_params(mmjax.load(tmp_path / "a").params), flatten_params(mmjax.load(root / "int8").params)
+    a, b = (flatten_params(mmjax.load(f).checkpoint_params()) for f in (tmp_path / "a", root / "int8"))
     assert set(a) == set(b) and all(np.array_equal(a[p], b[p]) for p in a)
     assert os.path.isfile(tmp_path / "a" / "tokenizer.json") and os.path.isfile(tmp_path / "a" / "source_config.json")
     with pytest.raises(ConversionError, match="already quantized"):
@@ -172,7 +172,7 @@ def test_quantize_a_converted_folder(llava_int8, tiny_llava, tmp_path):
     convert(tiny_llava.hf, tmp_path / "bf16", dtype="bfloat16", progress=False)
     convert(tmp_path / "bf16", tmp_path / "bf16_int8", quantize="int8", quantize_lm_head=True)
     m = mmjax.load(tmp_path / "bf16_int8")
-    p = flatten_params(m.params)
+    p = flatten_params(m.checkpoint_params())
     assert m.dtype == jnp.bfloat16 and p["decoder/lm_head/kernel"].dtype == jnp.int8
     assert p["decoder/lm_head/kernel_scale"].dtype == jnp.float32
     assert p["decoder/embed/embedding"].dtype == jnp.bfloat16

@@ -97,7 +97,7 @@ def _worker(folder: str) -> dict:
         inp = model.preprocess([[img], [img]], prompts, chat_template=False)
         logits = mmjax.forward(model, **inp)
         tokens = mmjax.generate(model, [[img], [img]], prompts, max_new_tokens=8, chat_template=False).token_ids
-        q = model.params["decoder"]["layers_0"]["attn"]["q"]
+        q = model.checkpoint_params()["decoder"]["layers_0"]["attn"]["q"]  # as stored (one device: packed)
         out[mesh] = {"logits": logits, "tokens": tokens, "q_kernel_dtype": str(q["kernel"].dtype),
                      "q_kernel_shard": list(q["kernel"].addressable_shards[0].data.shape),
                      "q_scale_shard": list(q["kernel_scale"].addressable_shards[0].data.shape)}

@@ -3,7 +3,9 @@
 
 A product of a few rows against the whole kernel (a decode step) goes, in the CPU branch of
 a platform_dependent and when the KernelPolicy's matmul_cpu is "cpu", through the streaming
-C++ kernel mmjax.kernels.cpu.gemv; every other platform and shape is a plain einsum."""
+C++ kernel mmjax.kernels.cpu.gemv; every other platform and shape is a plain einsum. A kernel
+that mmjax.load packed into column panels (`kernel_panels`, mmjax.kernels.cpu.panels) goes
+through the panel kernel on CPU, and is unpacked in the program everywhere else."""
 from __future__ import annotations
 
 import functools
@@ -12,9 +14,11 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.kernels.cpu import ffi as cpu_ffi
 from mmjax.kernels.cpu import gemv as cpu_gemv
+from mmjax.kernels.cpu import panels as cpu_panels
 from mmjax.kernels.policy import KernelPolicy, dispatch
-from mmjax.quantization import SCALE
+from mmjax.quantization import SCALE, contracted_axes
 
 __all__ = ["Einsum", "Embed"]
 
@@ -26,7 +30,12 @@ class Einsum(nn.Module):
     A quantized kernel (mmjax/quantization.py) is the same `kernel`, int8, with `kernel_scale`
     [output axes] float32 beside it; which layers are quantized is decided by the params the
     model was converted with (the config's rule table made them), so the module needs no field
-    for it: y = (x . q) * scale, the scale factored out of the contraction."""
+    for it: y = (x . q) * scale, the scale factored out of the contraction.
+
+    A packed kernel (`kernel_panels` [P, K, 64] in place of `kernel`, as mmjax.load stores the
+    decoder's kernels for the CPU; mmjax.kernels.cpu.panels) is the same math: on CPU the panel
+    kernel reads it (any number of rows, except float32 prefills over PANEL_MAX_F32_ROWS rows,
+    where XLA's GEMM on the unpacked kernel is faster); elsewhere the program unpacks it."""
 
     shape: tuple[int, ...]
     eqn: str
@@ -40,6 +49,11 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if self.has_variable("params", cpu_panels.PACKED):
+            y = self._packed(x.astype(self.dtype), self.get_variable("params", cpu_panels.PACKED))
+            if self.bias_shape is not None:
+                y = y + self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype).astype(self.dtype)
+            return y
         w = self.param("kernel", nn.initializers.normal(0.02), self.shape, self.dtype)
         x = x.astype(self.dtype)
         if self.has_variable("params", SCALE):  # int8 kernel: keep it narrow until the dot
@@ -64,6 +78,42 @@ class Einsum(nn.Module):
             return ("einsum",), functools.partial(_einsum, eqn=self.eqn, shape=self.shape,
                                                   flatten_contraction=self.flatten_contraction)
         return plan
+
+
+    def _packed(self, x, panels):
+        c = contracted_axes(self.eqn)
+        k_in, n = math.prod(self.shape[:c]), math.prod(self.shape[c:])
+        scale = self.get_variable("params", SCALE) if self.has_variable("params", SCALE) else None
+        split = _row_matmul_split(self.eqn, x.ndim, self.flatten_contraction)
+        rows = math.prod(x.shape[: x.ndim - split]) if split is not None else None
+        kernel = (split is not None and "cpu" in self.kernels.platforms and cpu_ffi.available()
+                  and (panels.dtype != jnp.float32 or rows <= PANEL_MAX_F32_ROWS))
+        einsum = functools.partial(_einsum, eqn=self.eqn, shape=self.shape, flatten_contraction=self.flatten_contraction)
+
+        def unpacked(x, p, *s):
+            return einsum(x, cpu_panels.unpack(p, n).reshape(self.shape).astype(x.dtype), *s)
+
+        def plan(platform):
+            if platform == "cpu" and kernel:
+                return ("panels",), functools.partial(_panels, c=split, k_in=k_in, out=self.shape[c:])
+            return ("unpacked",), unpacked
+        args = (x, panels) if scale is None else (x, panels, scale)
+        return dispatch(self.kernels, plan, *args)
+
+
+# float32 panels: up to this many rows the panel kernel, above it XLA's GEMM on the kernel
+# unpacked in the program (faster from ~64 rows on, unpacking included; docs/kernels.md). The
+# narrow dtypes always take the panel kernel: XLA widens them before its GEMM, no faster.
+PANEL_MAX_F32_ROWS = 64
+
+
+def _panels(x, panels, scale=None, *, c, k_in, out):
+    """Rows against a packed kernel on CPU: the panel kernel, float32 accumulation."""
+    lead = x.shape[: x.ndim - c]
+    n = math.prod(out)
+    s = None if scale is None else scale.reshape(-1).astype(jnp.float32)
+    y = cpu_panels.gemv_panels(x.reshape(-1, k_in).astype(jnp.float32), panels, n, s)
+    return y.astype(x.dtype).reshape(*lead, *out)
 
 
 def _gemv(x, w, scale=None, *, c, shape):

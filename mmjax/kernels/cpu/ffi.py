@@ -28,11 +28,13 @@ from mmjax.compile_cache import cache_root
 __all__ = ["HEADERS", "SOURCES", "TARGETS", "attention_with_reference_vjp", "available", "build", "error", "load"]
 
 _HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(_HERE, f) for f in ("gemv.cc", "decode_attention.cc",
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("gemv.cc", "panels.cc", "decode_attention.cc",
                                                   "prefill_attention.cc", "write_rows.cc"))
 HEADERS = tuple(os.path.join(_HERE, f) for f in ("simd.h", "pool.h", "rows.h"))
 # XLA target name -> the handler symbol the library exports.
 TARGETS = {"mmjax_gemv_f32": "MmjaxGemvF32", "mmjax_gemv_bf16": "MmjaxGemvBF16", "mmjax_gemv_s8": "MmjaxGemvS8",
+           "mmjax_gemv_panels_f32": "MmjaxGemvPanelsF32", "mmjax_gemv_panels_bf16": "MmjaxGemvPanelsBF16",
+           "mmjax_gemv_panels_s8": "MmjaxGemvPanelsS8",
            "mmjax_decode_attention_f32": "MmjaxDecodeAttentionF32",
            "mmjax_decode_attention_bf16": "MmjaxDecodeAttentionBF16", "mmjax_decode_attention_s8": "MmjaxDecodeAttentionS8",
            "mmjax_paged_decode_attention_f32": "MmjaxPagedDecodeAttentionF32",

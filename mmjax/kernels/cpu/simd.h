@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -36,6 +36,17 @@ typedef int32_t NIVec __attribute__((vector_size(kNLanes * 4)));
 inline NVec NLoad(const float* p) { return *reinterpret_cast<const NVecU*>(p); }
 inline void NStore(float* p, NVec v) { *reinterpret_cast<NVecU*>(p) = v; }
 inline NVec NSplat(float a) { return NVec{} + a; }
+// *p in every lane, as one broadcast load: NSplat(*p) costs an add and a register shuffle,
+// which bound a loop that splats a new value for every few FMAs (panels.cc).
+inline NVec NBroadcast(const float* p) {
+#if defined(__AVX512F__)
+  return (NVec)_mm512_set1_ps(*p);
+#elif defined(__AVX__)
+  return (NVec)_mm256_broadcast_ss(p);
+#else
+  return NSplat(*p);
+#endif
+}
 inline NIVec NIota() {
   NIVec v{};
   for (int i = 0; i < kNLanes; ++i) v[i] = i;
