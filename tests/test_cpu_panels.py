@@ -106,7 +106,7 @@ def packed_layer(kind, shape, eqn, flat=False, bias=None):
         q, scale = quantize_int8(params["kernel"], c)
         params = {**params, "kernel": jnp.asarray(q), "kernel_scale": jnp.asarray(scale)}
     contractions = {"kernel": c}
-    packed = panels.pack_params(params, contractions)
+    packed = panels.pack_params(dict(params), contractions)  # packs in place: a copy of the top level
     assert set(packed) == (set(params) - {"kernel"}) | {panels.PACKED}
     return layer, {"params": params}, {"params": packed}
 

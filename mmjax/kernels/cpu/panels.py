@@ -55,24 +55,24 @@ def unpack(panels, n: int):
     return jnp.transpose(panels, (1, 0, 2)).reshape(k, p * COLUMNS)[:, :n]
 
 
-def pack_params(params: Mapping, contractions: Mapping[str, int], select=lambda path: True) -> dict:
-    """`params` with every Einsum kernel whose path `select` accepts ("a/b/kernel" ->
-    contracted leading axes, mmjax.quantization.einsum_contractions) stored as `kernel_panels`.
-    The packed arrays are new; the unpacked ones are dropped as each is replaced."""
+def pack_params(params: dict, contractions: Mapping[str, int], select=lambda path: True) -> dict:
+    """Packs, in place, every Einsum kernel of `params` whose path `select` accepts ("a/b/kernel" ->
+    contracted leading axes, mmjax.quantization.einsum_contractions): its `kernel` is replaced
+    by `kernel_panels`, one at a time, so that memory holds at most one kernel twice (the
+    unpacked array is released as its packed copy is stored, unless the caller holds it).
+    Returns `params`."""
     def walk(tree, prefix):
-        out = {}
-        for name, v in tree.items():
+        for name in list(tree):
             path = f"{prefix}{name}"
-            if isinstance(v, Mapping):
-                out[name] = walk(v, path + "/")
+            if isinstance(tree[name], dict):
+                walk(tree[name], path + "/")
             elif name == "kernel" and path in contractions and select(path):
-                c = contractions[path]
-                k = math.prod(v.shape[:c])
-                out[PACKED] = jax.device_put(pack(np.asarray(v).reshape(k, -1)), _device(v))
-            else:
-                out[name] = v
-        return out
-    return walk(params, "")
+                w = tree.pop("kernel")
+                k = math.prod(w.shape[: contractions[path]])
+                tree[PACKED] = jax.device_put(pack(np.asarray(w).reshape(k, -1)), _device(w))
+                del w
+    walk(params, "")
+    return params
 
 
 def unpack_params(params: Mapping, shapes: Mapping[str, tuple] | None = None) -> dict:
