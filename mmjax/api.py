@@ -144,9 +144,11 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
     kv_cache_dtype: "auto" (the model's dtype), "float32", "bfloat16" or "int8" (a scale per token
     and kv head; mmjax.kernels.kv_cache), for generate and the serving engine.
     pack_weights: store the decoder's projection kernels in column panels for the CPU matmul
-    kernel (mmjax.kernels.cpu.panels; 1.2-1.9x faster decode steps). None (default): when the
-    model runs on one CPU device with the policy's matmul_cpu="cpu"; False keeps the checkpoint
-    layout in `model.params` (model.checkpoint_params() gives it back either way)."""
+    kernel (mmjax.kernels.cpu.panels; faster decode steps). None (default): the bfloat16 and
+    int8 kernels, when the model runs on one CPU device with the policy's matmul_cpu="cpu";
+    True: float32 kernels too (decode ~15% faster, prefill ~15% slower: it unpacks them for
+    XLA's GEMM); False keeps the checkpoint layout (model.checkpoint_params() gives it back
+    either way)."""
     from mmjax import checkpoint, compile_cache as cc
     from mmjax.sharding.rules import ENCODER_MODES
 
@@ -203,7 +205,7 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
         target = param_shardings(family, cfg, mesh, stored_tree, mm_encoder_tp_mode=mm_encoder_tp_mode)
     params = checkpoint.restore_params(os.path.join(path, "params"), target, verify=verify)
     if pack_weights if pack_weights is not None else _packs_by_default(cfg, mesh):
-        params = _pack_decoder(module, params)
+        params = _pack_decoder(module, params, float32=pack_weights is True)
     processor = family.processor(path, cfg) if family.processor is not None else None
     return Model(path, family, cfg, module, params, processor, dtype, buckets or DEFAULT_BUCKETS, mesh,
                  mm_encoder_tp_mode, kv_cache_dtype)
@@ -220,15 +222,20 @@ def _packs_by_default(cfg, mesh) -> bool:
             and "cpu" in policy.platforms and jax.default_backend() == "cpu" and ffi.available())
 
 
-def _pack_decoder(module, params):
+def _pack_decoder(module, params, float32: bool):
     """The decoder's Einsum kernels as panels (mmjax.kernels.cpu.panels): those are the products
-    of the decode steps; the vision tower's run once per image with many rows."""
+    of the decode steps; the vision tower's run once per image with many rows. float32 kernels
+    only when asked: their prefill products run faster through XLA's GEMM, and unpacking them
+    in the program cost more than the panels saved (benchmark prefill 657 -> 765 ms; decode
+    batch 1 ~61 -> ~70 tok/s); bfloat16 and int8 prefills run as fast in the panel kernel."""
     from mmjax.kernels.cpu import panels
     from mmjax.quantization import einsum_contractions
 
     if "decoder" not in params:
         return params
-    return panels.pack_params(params, einsum_contractions(module), select=lambda path: path.startswith("decoder/"))
+    def select(path, array):
+        return path.startswith("decoder/") and (float32 or array.dtype != np.float32)
+    return panels.pack_params(params, einsum_contractions(module), select=select)
 
 
 def _lengths(input_ids, attention_mask) -> np.ndarray:

@@ -152,7 +152,9 @@ def test_grad_through_a_packed_kernel_matches_xla():
 
 
 def test_load_packs_the_decoder_and_generates_the_same(tiny_llava):
-    packed, plain = mmjax.load(tiny_llava.flax), mmjax.load(tiny_llava.flax, pack_weights=False)
+    default = mmjax.load(tiny_llava.flax)  # float32 kernels stay as stored unless asked (prefill)
+    assert not any(k.endswith(panels.PACKED) for k in flatten_params(default.params))
+    packed, plain = mmjax.load(tiny_llava.flax, pack_weights=True), mmjax.load(tiny_llava.flax, pack_weights=False)
     p, q = flatten_params(packed.params), flatten_params(plain.params)
     kernels = sorted(k for k in q if k.endswith("/kernel") and k.startswith("decoder/"))
     assert kernels and all(k[: -len("kernel")] + panels.PACKED in p and k not in p for k in kernels)
@@ -167,3 +169,15 @@ def test_load_packs_the_decoder_and_generates_the_same(tiny_llava):
     a = mmjax.generate(packed, [[image]] * 3, ["describe it", "hi", "go on"], **kw)
     b = mmjax.generate(plain, [[image]] * 3, ["describe it", "hi", "go on"], **kw)
     assert a.token_ids == b.token_ids
+
+
+def test_load_packs_narrow_kernels_by_default(tiny_llava, tmp_path):
+    from converters.torch2flax import convert
+
+    convert(tiny_llava.hf, tmp_path / "bf16", dtype="bfloat16", progress=False)
+    m = mmjax.load(tmp_path / "bf16")
+    p = flatten_params(m.params)
+    assert p["decoder/layers_0/mlp/up/kernel_panels"].dtype == jnp.bfloat16 and "decoder/layers_0/mlp/up/kernel" not in p
+    assert p["decoder/lm_head/kernel_panels"].shape == (512 // 64, 64, 64)  # [P, K = D, 64], vocab 512
+    out = mmjax.generate(m, None, "Tell me a story.", max_new_tokens=4)
+    assert len(out.token_ids) == 4

@@ -55,8 +55,8 @@ def unpack(panels, n: int):
     return jnp.transpose(panels, (1, 0, 2)).reshape(k, p * COLUMNS)[:, :n]
 
 
-def pack_params(params: dict, contractions: Mapping[str, int], select=lambda path: True) -> dict:
-    """Packs, in place, every Einsum kernel of `params` whose path `select` accepts ("a/b/kernel" ->
+def pack_params(params: dict, contractions: Mapping[str, int], select=lambda path, array: True) -> dict:
+    """Packs, in place, every Einsum kernel of `params` that `select(path, array)` accepts ("a/b/kernel" ->
     contracted leading axes, mmjax.quantization.einsum_contractions): its `kernel` is replaced
     by `kernel_panels`, one at a time, so that memory holds at most one kernel twice (the
     unpacked array is released as its packed copy is stored, unless the caller holds it).
@@ -66,7 +66,7 @@ def pack_params(params: dict, contractions: Mapping[str, int], select=lambda pat
             path = f"{prefix}{name}"
             if isinstance(tree[name], dict):
                 walk(tree[name], path + "/")
-            elif name == "kernel" and path in contractions and select(path):
+            elif name == "kernel" and path in contractions and select(path, tree[name]):
                 w = tree.pop("kernel")
                 k = math.prod(w.shape[: contractions[path]])
                 tree[PACKED] = jax.device_put(pack(np.asarray(w).reshape(k, -1)), _device(w))
