@@ -138,6 +138,9 @@ def test_float32_prefills_over_the_limit_unpack_for_xla():
     assert panels.TARGETS["bfloat16"] in lowered(b16, p16, x.astype(jnp.bfloat16))  # narrow: always the kernel
     other = layer.clone(kernels=KernelPolicy(platforms=("cuda",)))  # lowered elsewhere: unpacked in the program
     assert "mmjax_gemv_panels" not in lowered(other, packed, rand(1, 1, 96))
+    xla = layer.clone(kernels=KernelPolicy(matmul_cpu="xla"))  # the policy's choice holds for packed kernels too
+    assert "mmjax_gemv_panels" not in lowered(xla, packed, rand(1, 1, 96))
+    assert float(jnp.max(jnp.abs(jax.jit(xla.apply)(packed, x) - jax.jit(layer.apply)(plain, x)))) <= 1e-5
 
 
 def test_grad_through_a_packed_kernel_matches_xla():

@@ -86,7 +86,8 @@ class Einsum(nn.Module):
         scale = self.get_variable("params", SCALE) if self.has_variable("params", SCALE) else None
         split = _row_matmul_split(self.eqn, x.ndim, self.flatten_contraction)
         rows = math.prod(x.shape[: x.ndim - split]) if split is not None else None
-        kernel = (split is not None and "cpu" in self.kernels.platforms and cpu_ffi.available()
+        kernel = (split is not None and self.kernels.matmul_cpu == "cpu" and "cpu" in self.kernels.platforms
+                  and cpu_ffi.available()
                   and (panels.dtype != jnp.float32 or rows <= PANEL_MAX_F32_ROWS))
         einsum = functools.partial(_einsum, eqn=self.eqn, shape=self.shape, flatten_contraction=self.flatten_contraction)
 
