@@ -165,3 +165,17 @@ def test_max_new_tokens_none_runs_to_the_end_of_the_context(model):
     assert r.max_new_tokens == 64 - r.num_prompt_tokens
     with pytest.raises(InputError, match="prompt"):
         eng.make_request(None, "hello " * 80, max_new_tokens=None)
+
+
+def test_packed_int8_kernels_serve_like_alone(tiny_llava, tmp_path):
+    """An int8 model on CPU reads its decoder kernels as panels (mmjax.kernels.cpu.panels): the
+    engine's batched, paged steps answer as mmjax.generate does for each request alone."""
+    from converters.torch2flax import convert
+    from mmjax.kernels.cpu.panels import PACKED
+    from mmjax.tree import flatten_params
+
+    convert(tiny_llava.flax, tmp_path / "int8", quantize="int8")
+    m = mmjax.load(tmp_path / "int8")
+    assert any(k.endswith(PACKED) and v.dtype == np.int8 for k, v in flatten_params(m.params).items())
+    eng = ServingEngine(m, max_num_seqs=4, page_size=8)
+    assert_served_like_alone(m, eng, mixed_cases(IMAGES, PROMPTS, n=6, seed=2))
