@@ -231,10 +231,9 @@ def _pack_decoder(module, params, float32: bool):
     from mmjax.kernels.cpu import panels
     from mmjax.quantization import einsum_contractions
 
-    if "decoder" not in params:
-        return params
     def select(path, array):
         return path.startswith("decoder/") and (float32 or array.dtype != np.float32)
+
     return panels.pack_params(params, einsum_contractions(module), select=select)
 
 

@@ -100,21 +100,11 @@ def contracted_axes(eqn: str) -> int:
 
 def einsum_contractions(module) -> dict[str, int]:
     """{"a/b/kernel": contracted leading axes} for every Einsum of a model module, found by running
-    its init abstractly (nothing allocated) with the Einsum calls intercepted."""
-    import flax.linen as nn
+    its init abstractly (nothing allocated) with the Einsum calls intercepted (one trace shared
+    with param_shapes: mmjax.models.base.abstract_init)."""
+    from mmjax.models.base import abstract_init
 
-    from mmjax.layers.linear import Einsum
-
-    found: dict[str, int] = {}
-
-    def record(next_fn, args, kwargs, context):
-        if isinstance(context.module, Einsum) and context.method_name == "__call__":
-            found["/".join(context.module.path) + "/kernel"] = contracted_axes(context.module.eqn)
-        return next_fn(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), module.example_batch()))
-    return found
+    return dict(abstract_init(module)[1])
 
 
 def _selected(quant: QuantConfig, paths: Iterable[str], einsums: Mapping[str, int]) -> dict[str, int]:

@@ -49,18 +49,16 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        if self.has_variable("params", cpu_panels.PACKED):
-            y = self._packed(x.astype(self.dtype), self.get_variable("params", cpu_panels.PACKED))
-            if self.bias_shape is not None:
-                y = y + self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype).astype(self.dtype)
-            return y
-        w = self.param("kernel", nn.initializers.normal(0.02), self.shape, self.dtype)
         x = x.astype(self.dtype)
-        if self.has_variable("params", SCALE):  # int8 kernel: keep it narrow until the dot
-            y = dispatch(self.kernels, self._plan(x, w.dtype), x, w, self.get_variable("params", SCALE))
+        if self.has_variable("params", cpu_panels.PACKED):  # packed at load (mmjax.kernels.cpu.panels)
+            y = self._packed(x, self.get_variable("params", cpu_panels.PACKED))
         else:
-            w = w.astype(self.dtype)
-            y = dispatch(self.kernels, self._plan(x, w.dtype), x, w)
+            w = self.param("kernel", nn.initializers.normal(0.02), self.shape, self.dtype)
+            if self.has_variable("params", SCALE):  # int8 kernel: keep it narrow until the dot
+                y = dispatch(self.kernels, self._plan(x, w.dtype), x, w, self.get_variable("params", SCALE))
+            else:
+                w = w.astype(self.dtype)
+                y = dispatch(self.kernels, self._plan(x, w.dtype), x, w)
         if self.bias_shape is not None:
             b = self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
             y = y + b.astype(self.dtype)
@@ -78,7 +76,6 @@ class Einsum(nn.Module):
             return ("einsum",), functools.partial(_einsum, eqn=self.eqn, shape=self.shape,
                                                   flatten_contraction=self.flatten_contraction)
         return plan
-
 
     def _packed(self, x, panels):
         c = contracted_axes(self.eqn)

@@ -18,6 +18,8 @@ Generation (mmjax.generation) needs nothing else. Every VLM mmjax ships is a Com
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -31,15 +33,37 @@ __all__ = ["param_shapes", "merge_at_tokens", "prefill_logits"]
 def param_shapes(module) -> dict:
     """{"a/b/kernel": ShapeDtypeStruct} of the module's params, allocating nothing. With
     `module.cfg.quant` set, the quantized layout (int8 kernels + their scales, mmjax.quantization)."""
-    batch = module.example_batch()
-    tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), batch))
-    shapes = flatten_params(tree["params"])
+    shapes, contractions = abstract_init(module)
     quant = getattr(getattr(module, "cfg", None), "quant", None)
     if quant is not None:
-        from mmjax.quantization import einsum_contractions, quantized_layout
+        from mmjax.quantization import quantized_layout
 
-        shapes = quantized_layout(shapes, quant, einsum_contractions(module))
-    return shapes
+        return quantized_layout(dict(shapes), quant, dict(contractions))
+    return dict(shapes)
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_init(module) -> tuple[dict, dict]:
+    """One abstract init of `module` (nothing allocated; ~1 s for the benchmark model), cached
+    per module config: its flat param shapes, and {"a/b/kernel": contracted leading axes} of
+    every Einsum (found by intercepting their calls). mmjax.load needs both, the quantized
+    layout and the weight panels the second. Callers copy before changing either."""
+    import flax.linen as nn
+
+    from mmjax.layers.linear import Einsum
+    from mmjax.quantization import contracted_axes
+
+    found: dict[str, int] = {}
+
+    def record(next_fn, args, kwargs, context):
+        if isinstance(context.module, Einsum) and context.method_name == "__call__":
+            found["/".join(context.module.path) + "/kernel"] = contracted_axes(context.module.eqn)
+        return next_fn(*args, **kwargs)
+
+    batch = module.example_batch()
+    with nn.intercept_methods(record):
+        tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), batch))
+    return flatten_params(tree["params"]), found
 
 
 def merge_at_tokens(text_embeds, features, token_mask):

@@ -11,11 +11,11 @@
 // bfloat16 19 -> 35): each thread reads one contiguous range of whole panels, which the
 // hardware prefetcher follows without help (docs/kernels.md, "Weight panels").
 //
-// Per panel and block of R <= 8 rows: the 64 columns in U-vector strips (R x U accumulators
-// stay in registers for all K: U = 8 for one row, 4 for two, 2 up to four, 1 up to eight), each
+// Per panel and block of R <= 8 rows: the 64 columns in U-vector strips with R x U accumulators
+// in registers (AVX2: U = 8 for one row, 4 for two, 2 up to four and for six, else 1), each
 // column summed over k = 0..K-1 in order with one FMA per product. The order does not depend
 // on the thread count or the panel split, so results are the same on every machine of the
-// same vector width. More than 8 rows run 8 at a time, while the panel is still in L2.
+// same vector width. More than 8 rows (prefill) run in 6-row tiles, while the panel is in L2.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -37,9 +37,7 @@ constexpr int kMaxRows = 8;
 constexpr int64_t kAhead = 2048;  // bytes ahead of the panel stream that blocks of several rows prefetch
 
 // Rows x[0:R] against panel p: y[0:R, 64p : 64p + 64) (clipped at N), times scale when given.
-// K runs in blocks of ~16 KiB of the panel, which stay in L1 while each U-vector strip of the
-// 64 columns passes over them with its R x U accumulators in registers (spilled to `acc`, in
-// L1, only between blocks).
+// Accumulators live in registers within a block of K and in `acc` (L1) between blocks.
 template <int R, typename W>
 void PanelRows(const float* __restrict__ x, const W* __restrict__ panel, const float* scale, float* __restrict__ y,
                int64_t K, int64_t N, int64_t p) {
@@ -108,7 +106,6 @@ void Gemm(ffi::ThreadPool& pool, const float* x, const W* w, const float* scale,
   });
 }
 
-template <typename W>
 ffi::Error Check(const char* name, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
                  ffi::Span<const int64_t> yd) {
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || xd[0] < 1 || yd[0] != xd[0] || wd[1] != xd[1] ||
@@ -120,7 +117,7 @@ ffi::Error Check(const char* name, ffi::Span<const int64_t> xd, ffi::Span<const 
 template <ffi::DataType DT, typename W>
 ffi::Error Panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<DT> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (auto e = Check<W>("mmjax_gemv_panels", xd, wd, yd); e.failure()) return e;
+  if (auto e = Check("mmjax_gemv_panels", xd, wd, yd); e.failure()) return e;
   Gemm<W>(pool, x.typed_data(), reinterpret_cast<const W*>(w.typed_data()), nullptr, y->typed_data(), xd[0], xd[1],
           yd[1]);
   return ffi::Error::Success();
@@ -129,7 +126,7 @@ ffi::Error Panels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<DT>
 ffi::Error PanelsS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
                     ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions(), sd = scale.dimensions();
-  if (auto e = Check<int8_t>("mmjax_gemv_panels_s8", xd, wd, yd); e.failure()) return e;
+  if (auto e = Check("mmjax_gemv_panels_s8", xd, wd, yd); e.failure()) return e;
   if (sd.size() != 1 || sd[0] != yd[1])
     return ffi::Error::InvalidArgument("mmjax_gemv_panels_s8: expects scale [N] for y [M, N]");
   Gemm<int8_t>(pool, x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(), xd[0], xd[1], yd[1]);

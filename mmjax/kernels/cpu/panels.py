@@ -10,10 +10,10 @@ prefetcher follows (row-major [K, N] split by columns is K short runs a row apar
 "Weight panels"). It is the same idea as llama.cpp's repacking of weights at load.
 
 `pack(w2)` / `unpack(panels, n)` convert one kernel; `pack_params(params, contractions)` /
-`unpack_params(params)` a whole tree: a packed kernel is stored as `kernel_panels` in place of
+`unpack_params(params, shapes)` a whole tree: a packed kernel is stored as `kernel_panels` in place of
 `kernel` (mmjax.layers.linear.Einsum reads either), int8 keeps its `kernel_scale` [output axes].
 `gemv_panels(x, panels, n, scale=None)` = x [M, K] @ unpack(panels, n) (* scale) in float32, for
-any M (8 rows at a time per panel).
+any M (up to 8 rows in one tile per panel; more in 6-row tiles).
 """
 from __future__ import annotations
 
@@ -75,21 +75,17 @@ def pack_params(params: dict, contractions: Mapping[str, int], select=lambda pat
     return params
 
 
-def unpack_params(params: Mapping, shapes: Mapping[str, tuple] | None = None) -> dict:
-    """The checkpoint layout back: every `kernel_panels` as `kernel`. Its shape is `shapes[path]`
-    when given, else [K, N] (N from the int8 scale when there is one, else the padded width)."""
+def unpack_params(params: Mapping, shapes: Mapping[str, tuple]) -> dict:
+    """The checkpoint layout back: every `kernel_panels` as `kernel` of shape `shapes["a/b/kernel"]`
+    (mmjax.models.base.param_shapes), a new array; everything else as it is."""
     def walk(tree, prefix):
         out = {}
         for name, v in tree.items():
             if isinstance(v, Mapping):
                 out[name] = walk(v, f"{prefix}{name}/")
             elif name == PACKED:
-                path = f"{prefix}kernel"
-                shape = None if shapes is None else tuple(shapes[path])
-                scale = tree.get("kernel_scale")
-                n = math.prod(shape) // v.shape[1] if shape else scale.size if scale is not None else v.shape[0] * COLUMNS
-                w = unpack(jnp.asarray(v), n)
-                out["kernel"] = w.reshape(shape) if shape else w
+                shape = tuple(shapes[f"{prefix}kernel"])
+                out["kernel"] = unpack(jnp.asarray(v), math.prod(shape) // v.shape[1]).reshape(shape)
             else:
                 out[name] = v
         return out
