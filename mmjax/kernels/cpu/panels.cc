@@ -60,12 +60,21 @@ void PanelRows(const float* __restrict__ x, const W* __restrict__ panel, const f
         for (int u = 0; u < U; ++u) a[m][u] = k0 == 0 ? NVec{} : mmjax_simd::NLoad(&acc[m][c0 + u * kN]);
       for (int64_t k = k0; k < k1; ++k) {
         const W* row = panel + k * kPanel + c0;
-        NVec w[U];
-        for (int u = 0; u < U; ++u) w[u] = LoadW(row + u * kN);
+        if constexpr (R == 1) {
+          // Widen each strip right before its FMA: widening all U first needs U temporaries
+          // beside the U accumulators, which spilled one accumulator to the stack for int8 and
+          // bfloat16 (a store-to-load round trip every k: 12 GB/s per core instead of ~20).
+          const NVec b = mmjax_simd::NBroadcast(x + k);
 #pragma GCC unroll 8
-        for (int m = 0; m < R; ++m) {
-          const NVec b = mmjax_simd::NBroadcast(x + m * K + k);
-          for (int u = 0; u < U; ++u) a[m][u] += b * w[u];
+          for (int u = 0; u < U; ++u) a[0][u] += b * LoadW(row + u * kN);
+        } else {
+          NVec w[U];
+          for (int u = 0; u < U; ++u) w[u] = LoadW(row + u * kN);
+#pragma GCC unroll 8
+          for (int m = 0; m < R; ++m) {
+            const NVec b = mmjax_simd::NBroadcast(x + m * K + k);
+            for (int u = 0; u < U; ++u) a[m][u] += b * w[u];
+          }
         }
       }
       for (int m = 0; m < R; ++m)
