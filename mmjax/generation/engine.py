@@ -28,6 +28,7 @@ from mmjax.generation.state import DecodeState, StepArgs
 from mmjax.kernels import kv_cache
 from mmjax.kernels.attention import MaskSpec
 from mmjax.kernels.kv_cache import check_kv_cache_dtype
+from mmjax.models.base import decode_params
 from mmjax.preprocess.buffers import release_free_heap
 
 __all__ = ["Engine", "RunResult"]
@@ -167,11 +168,12 @@ class Engine:
                                  greedy=greedy)
         state.done.block_until_ready()
         t1 = time.perf_counter()
+        step_params = decode_params(self.module, params)  # fewer leaves to dispatch per step
         for i in range(1, max_new_tokens):
             if i % SYNC_EVERY == 0 and bool(to_host(state.done)[:rows].all()):
                 break
             with _trim_after_compile(self.decode_step) if i == 1 else contextlib.nullcontext():
-                state = self.decode_step(params, state, args, greedy=greedy)
+                state = self.decode_step(step_params, state, args, greedy=greedy)
         tokens = to_host(state.tokens)[:rows, :max_new_tokens]
         steps = int(state.step)
         t2 = time.perf_counter()

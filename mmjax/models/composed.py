@@ -203,6 +203,10 @@ class ComposedVLM(nn.Module):
     def logits(self, h):
         return self.decoder.logits(h)
 
+    def decode_params(self, params: dict) -> dict:
+        """The part of `params` that embed_tokens, decode and logits read (mmjax.models.base.decode_params)."""
+        return {"decoder": params["decoder"]}
+
     def __call__(self, batch):
         return prefill_logits(self, batch)
 
