@@ -6,7 +6,8 @@ in decode speed.
 The model of benchmarks/generate.py (LLaVA-shaped: decoder 768 x 12 layers, vocab 32000, CLIP-B
 tower), converted three ways: float32, bfloat16 (--dtype bfloat16) and int8 weight-only (--quantize
 int8 from the float32 folder; "int8+head" with --quantize-lm-head too; "int8+head+kv8" that model
-with kv_cache_dtype="int8"). Reports
+with kv_cache_dtype="int8"; "int8+head+kv8+hp" also with its params on 2 MiB pages,
+mmjax.load(huge_pages=True)). Reports
   * accuracy of int8 (and bf16) against float32 over 256 prefill positions: top-1 agreement of
     the logits, and mean KL(p_fp32 || p_quant) in nats;
   * decode tokens/s at batch 1 and 8 (64 new tokens, min_new_tokens=64), fp32 / bf16 / int8 side
@@ -88,6 +89,9 @@ def main(argv=None) -> int:
     # 2. decode speed, the kinds alternating within each round; + the int8 model with an int8 KV
     # cache (mmjax.load(kv_cache_dtype="int8"): a scale per token and kv head)
     models["int8+head+kv8"] = mmjax.load(dirs["int8+head"], compile_cache=False, kv_cache_dtype="int8")
+    # + the params on 2 MiB pages (mmjax.load(huge_pages=True), opt-in: it costs load time)
+    models["int8+head+kv8+hp"] = mmjax.load(dirs["int8+head"], compile_cache=False, kv_cache_dtype="int8",
+                                            huge_pages=True)
     size = models["fp32"].config.vision.image_size
     image = Image.fromarray((np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8))
     prompt = prompt_of(tok, 128)
