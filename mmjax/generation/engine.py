@@ -10,8 +10,9 @@ H head dim, D model dim, V vocab, M token slots.
 
 The state (DecodeState) and per-request arguments (StepArgs) are typed pytrees
 (mmjax.generation.state). A serving engine reuses prefill / decode_step; `run` is the static-batch
-loop: one decode step per token, a host check every 8 steps to stop early (one step late, so the queue never drains), then each row's tokens
-trimmed after its first stop token (kept, as HF does).
+loop: one decode step per token (given only the params it reads), a host check every 8 steps to
+stop early (one step late, so the queue of steps never drains), then each row's tokens trimmed
+after its first stop token (kept, as HF does).
 """
 from __future__ import annotations
 

@@ -125,7 +125,6 @@ class ServingEngine:
         # (compiled once); with a mesh the pools are split over kv heads like the static cache
         self.steps = model.__dict__.setdefault(f"_serving_steps_{self.kv_cache_dtype}",
                                                PagedSteps(model.module, self.pool_shardings))
-        self._decode_params = decode_params(model.module, model.params)  # what a decode step reads
         self.encoder_cache = EncoderCache(encoder_cache_mb * 2**20)
         vision_type = getattr(model.config, "vision_type", None)
         self._vision_keys = None if vision_type is None or not hasattr(model.module, "image_features") else \
@@ -401,7 +400,8 @@ class ServingEngine:
             slots[i] = s.pages[s.index // self.page_size] * self.page_size + s.index % self.page_size
             tables[i, :len(s.pages)] = s.pages
         greedy = all(s.req.sampling.greedy for s in seqs)
-        self.pools, tok = self.steps.decode(self._decode_params, self.pools, jnp.asarray(last), jnp.asarray(index),
+        params = decode_params(self.model.module, self.model.params)  # only what a decode step reads
+        self.pools, tok = self.steps.decode(params, self.pools, jnp.asarray(last), jnp.asarray(index),
                                             jnp.asarray(offset), jnp.asarray(slots), jnp.asarray(tables),
                                             self._rows(seqs, B), greedy=greedy)
         tok = np.asarray(tok)
