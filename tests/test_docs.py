@@ -7,7 +7,7 @@ import re
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
-PAGES = ["architecture.md", "converters.md", "kernels.md", "autoport.md", "serving.md"]
+PAGES = ["architecture.md", "converters.md", "kernels.md", "cpu_kernels.md", "autoport.md", "serving.md"]
 
 
 def blocks(page: str) -> list[str]:

@@ -100,8 +100,9 @@ class Einsum(nn.Module):
 
 
 # float32 panels: up to this many rows the panel kernel, above it XLA's GEMM on the kernel
-# unpacked in the program (faster from ~64 rows on, unpacking included; docs/kernels.md). The
-# narrow dtypes always take the panel kernel: XLA widens them before its GEMM, no faster.
+# unpacked in the program (faster from ~64 rows on, unpacking included; docs/cpu_kernels.md,
+# "Weight panels"). The narrow dtypes always take the panel kernel: XLA widens them before its
+# GEMM, no faster.
 PANEL_MAX_F32_ROWS = 64
 
 

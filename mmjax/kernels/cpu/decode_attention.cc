@@ -28,7 +28,7 @@
 // Head dims that are not whole native vectors take plain loops.
 //
 // Native-width vectors (NVec, kN = 8 floats on AVX2, 16 on AVX-512) throughout. The float32 cache
-// had its own kernel on 16-float vectors, which live in memory on AVX2 (docs/kernels.md,
+// had its own kernel on 16-float vectors, which live in memory on AVX2 (docs/cpu_kernels.md,
 // "Native-width vectors"); this template ran it 1.8x faster at batch 1 (12 layers of a 420-key
 // cache, 12 heads of 64: 186 -> 99 us a layer) and ~1.1x at batch 8. exp is a degree-7 polynomial
 // after range reduction (relative error ~1e-7, like XLA's own).

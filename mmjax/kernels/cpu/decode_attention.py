@@ -5,7 +5,7 @@ Axis legend: B batch, N query heads, K kv heads, G = N // K, S cache length, H h
 `decode_attention_cpu(q, k, v, start, end, scale=None, k_scale=None, v_scale=None)`: q
 [B, 1, N, H] against the cache k/v [B, K, S, H] ("BKSH"), keys start[b] <= s < end[b] visible
 -> [B, 1, N, H] in q's dtype. One XLA FFI call per layer; each (b, kv head) streams its K and V
-once for all G query heads (docs/kernels.md, "CPU decode attention"). The cache is one of
+once for all G query heads (docs/cpu_kernels.md, "CPU decode attention"). The cache is one of
 CACHE_DTYPES:
   * float32;
   * bfloat16: rows widened to float32 in registers as they stream (half the bytes);

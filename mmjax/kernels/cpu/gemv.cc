@@ -8,7 +8,7 @@
 // the weights stream from memory. XLA:CPU emits [1, K] x [K, N] as a single-threaded loop (12-17
 // GB/s on the 2-core benchmark machine, which streams ~25 GB/s with both cores) and [8, K] x
 // [K, N] through a GEMM at 7-11 GB/s. This kernel streams w once, row-major as stored, with the
-// columns split over XLA's own intra-op thread pool (docs/kernels.md, "CPU decode matmul").
+// columns split over XLA's own intra-op thread pool (docs/cpu_kernels.md, "CPU decode matmul").
 //
 // One row (Columns): for each column chunk [n0, n1), for k in steps of 4 rows,
 // y[n0:n1] += x[k] w[k] + x[k+1] w[k+1] + x[k+2] w[k+2] + x[k+3] w[k+3]: four sequential row

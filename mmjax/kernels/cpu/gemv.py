@@ -3,7 +3,7 @@
 Axis legend: M rows (one per sequence of a decode batch, 1..8), K contracted, N output.
 
 `gemv(x, w, scale=None)` = x [M, K] @ w [K, N] (* scale [N]) in float32 through an XLA FFI custom
-call that streams w once with the columns split over XLA's intra-op thread pool (docs/kernels.md,
+call that streams w once with the columns split over XLA's intra-op thread pool (docs/cpu_kernels.md,
 "CPU decode matmul"). w is float32, bfloat16, or int8 with its per-column float32 scale (an int8
 kernel of mmjax.quantization); narrow weights widen to float32 in registers, so a step reads
 2 or 1 bytes a weight. x and the result are float32 (a bfloat16 model casts around the call:
@@ -27,7 +27,7 @@ __all__ = ["MAX_ROWS", "TARGET", "TARGETS", "WEIGHT_DTYPES", "eligible", "gemv",
 TARGETS = {"float32": "mmjax_gemv_f32", "bfloat16": "mmjax_gemv_bf16", "int8": "mmjax_gemv_s8"}
 TARGET = TARGETS["float32"]
 WEIGHT_DTYPES = tuple(TARGETS)
-# Rows up to which the kernel beats XLA:CPU's dot (measured at 1, 2, 4 and 8; docs/kernels.md).
+# Rows up to which the kernel beats XLA:CPU's dot (measured at 1, 2, 4 and 8; docs/cpu_kernels.md).
 # Above it (prefill, large batches) XLA's GEMM reuses each weight across enough rows.
 MAX_ROWS = 8
 

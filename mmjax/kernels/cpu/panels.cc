@@ -9,7 +9,7 @@
 // lines) a full row apart; on the 2-core EPYC the 12 int8 decoder layers of the benchmark
 // model streamed at 16 GB/s that way, the same weights as panels at 38 GB/s (fp32 25 -> 34,
 // bfloat16 19 -> 35): each thread reads one contiguous range of whole panels, which the
-// hardware prefetcher follows without help (docs/kernels.md, "Weight panels").
+// hardware prefetcher follows without help (docs/cpu_kernels.md, "Weight panels").
 //
 // Per panel and block of R <= 8 rows: the 64 columns in U-vector strips with R x U accumulators
 // in registers (AVX2: U = 8 for one row, 4 for two, 2 up to four and for six, else 1), each

@@ -6,7 +6,7 @@ P panels (ceil(N / 64)), C the 64 columns of one panel.
 A [K, N] kernel packed is [P, K, C]: panel p holds columns 64p .. 64p + 63, row after row (the
 last one zero-padded past N), so every panel is one contiguous block. The C++ kernel gives each
 thread a contiguous range of panels: one sequential stream per thread, which the hardware
-prefetcher follows (row-major [K, N] split by columns is K short runs a row apart; docs/kernels.md,
+prefetcher follows (row-major [K, N] split by columns is K short runs a row apart; docs/cpu_kernels.md,
 "Weight panels"). It is the same idea as llama.cpp's repacking of weights at load.
 
 `pack(w2)` / `unpack(panels, n)` convert one kernel; `pack_params(params, contractions)` /

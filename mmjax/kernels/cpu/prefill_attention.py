@@ -5,7 +5,7 @@ Axis legend: B batch, T query tokens, S keys, N query heads, K kv heads, G = N /
 
 `prefill_attention_cpu(q, k, v, start, end)`: q [B, T, N, H] against k/v [B, S, K, H]
 ("BSKH"), query t of row b seeing keys start[b, t] <= s < end[b, t] -> [B, T, N, H]. One XLA
-FFI call per layer, flash-attention style (docs/kernels.md, "CPU prefill attention"). ffi.py
+FFI call per layer, flash-attention style (docs/cpu_kernels.md, "CPU prefill attention"). ffi.py
 builds and registers it.
 
 `eligible(q, k, v, mask)` says whether it can: more than one query token, float32, a mask that
