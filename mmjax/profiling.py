@@ -2,7 +2,7 @@
 
     with count_compiles() as c:
         mmjax.generate(...)
-    c.by_function  # {"_prefill": 1, "_decode_step": 1}
+    c.by_function  # {"jit(_prefill)": 1, "jit(_decode_steps)": 1}
 """
 from __future__ import annotations
 

@@ -52,9 +52,9 @@ def test_forty_requests_compile_once_per_bucket(model):
             out = mmjax.generate(model, images, prompts, max_new_tokens=new, min_new_tokens=new)
             assert all(len(t) == new for t in out.token_ids)
     assert c.by_function["jit(_prefill)"] == len(prefill_keys)
-    assert c.by_function["jit(_decode_step)"] == len(decode_keys)
+    assert c.by_function["jit(_decode_steps)"] == len(decode_keys)
     # the same stream again: everything is already compiled
     with count_compiles() as again:
         for images, prompts, new in reqs[:10]:
             mmjax.generate(model, images, prompts, max_new_tokens=new)
-    assert again.by_function["jit(_prefill)"] == 0 and again.by_function["jit(_decode_step)"] == 0
+    assert again.by_function["jit(_prefill)"] == 0 and again.by_function["jit(_decode_steps)"] == 0

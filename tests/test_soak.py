@@ -60,7 +60,7 @@ def request(rng, with_image=None, greedy=None, n_words=None):
 
 
 def cache_sizes(model):
-    return model.engine.prefill._cache_size(), model.engine.decode_step._cache_size()
+    return model.engine.prefill._cache_size(), model.engine.decode_steps._cache_size()
 
 
 @pytest.mark.slow
