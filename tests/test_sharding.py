@@ -420,7 +420,16 @@ def _rss(field: str) -> int:
 
 
 def _peak_during(fn):
-    """(result, peak RSS increase in MiB) of fn(); VmHWM is reset first (Linux clear_refs 5)."""
+    """(result, peak RSS increase in MiB) of fn(); VmHWM is reset first (Linux clear_refs 5).
+    Freed heap goes back to the OS first: otherwise what the run before left free in the heap is
+    reused without raising RSS, and the comparison of two loads depends on their order (seen:
+    host-then-shard 155 MiB after the sharded load freed its arrays, 212 MiB in another run)."""
+    import gc
+
+    from mmjax.preprocess.buffers import release_free_heap
+
+    gc.collect()
+    release_free_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _rss("VmRSS")
