@@ -461,7 +461,7 @@ def _logits(model):
 
 def _prefill_state(model):
     """The state prefill returns for 2 rows, a 32-token bucket and 16 new tokens (what
-    _generate compiles), and the rest of the decode_step arguments."""
+    _generate compiles), and the rest of the decode_steps arguments."""
     import jax.numpy as jnp
 
     from mmjax.api import _on_mesh
@@ -477,8 +477,14 @@ def _prefill_state(model):
 
 def _collectives(model):
     state, args = _prefill_state(model)
-    return _count_collectives(model.engine.decode_step.lower(model.params, state, args, greedy=True).compile()
-                              .as_text(), model.config.text.hidden_size)
+    import jax.numpy as jnp
+
+    from mmjax.models.base import decode_params
+
+    # the program generate runs: SYNC_EVERY steps in one call, on the decoder's params
+    steps = model.engine.decode_steps.lower(decode_params(model.module, model.params), state, args, jnp.int32(8),
+                                            greedy=True)
+    return _count_collectives(steps.compile().as_text(), model.config.text.hidden_size)
 
 
 def _generate_and_prefill_hlo(model):

@@ -1,16 +1,17 @@
-"""Generation as a state plus pure jitted steps: prefill, decode_step, and the loop over them.
+"""Generation as a state plus pure jitted steps: prefill, decode_step(s), and the loop over them.
 
     engine = Engine(module)
     state = engine.prefill(params, batch, lengths, args, cache_len=..., token_slots=..., greedy=True)
     state = engine.decode_step(params, state, args, greedy=True)      # donated: cache updated in place
+    state = engine.decode_steps(params, state, args, jnp.int32(8), greedy=True)  # 8 steps in one call
     result = engine.run(params, batch, lengths, args, ...)              # the whole loop (mmjax.generate)
 
 Axis legend: B rows, T prompt tokens, S cache slots (prompt bucket + token slots), K kv heads,
 H head dim, D model dim, V vocab, M token slots.
 
 The state (DecodeState) and per-request arguments (StepArgs) are typed pytrees
-(mmjax.generation.state). A serving engine reuses prefill / decode_step; `run` is the static-batch
-loop: decode steps 8 to a call (`decode_steps`, given only the params they read), a host check
+(mmjax.generation.state). The serving engine has paged programs of its own
+(mmjax.serving.steps); `run` is the static-batch loop: decode steps 8 to a call (`decode_steps`, given only the params they read), a host check
 after each call to stop early, then each row's tokens trimmed after its first stop token (kept,
 as HF does).
 """

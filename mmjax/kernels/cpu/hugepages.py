@@ -50,13 +50,13 @@ def _movable(a) -> bool:
     return isinstance(a, jax.Array) and len(a.devices()) == 1 and next(iter(a.devices())).platform == "cpu"
 
 
-def _slots(tree: dict, prefix: str = ""):
-    """(dict, key, path) for every array of a nested dict, in one fixed order."""
+def _slots(tree: dict):
+    """(dict, key) for every array of a nested dict, in one fixed order."""
     for name in list(tree):
         if isinstance(tree[name], dict):
-            yield from _slots(tree[name], f"{prefix}{name}/")
+            yield from _slots(tree[name])
         else:
-            yield tree, name, prefix + name
+            yield tree, name
 
 
 def place(params: dict) -> dict:
@@ -66,10 +66,10 @@ def place(params: dict) -> dict:
     from mmjax.preprocess.buffers import release_free_heap
 
     slots = list(_slots(params)) if isinstance(params, dict) else []
-    if not supported() or not slots or not all(_movable(t[k]) for t, k, _ in slots):
+    if not supported() or not slots or not all(_movable(t[k]) for t, k in slots):
         return params
     offsets, total = [], 0
-    for t, k, _ in slots:
+    for t, k in slots:
         offsets.append(total)
         total += -(-t[k].nbytes // ALIGN) * ALIGN
     arena = mmap.mmap(-1, -(-total // HUGE_PAGE) * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -79,7 +79,7 @@ def place(params: dict) -> dict:
     if libc.madvise(memory.ctypes.data, memory.nbytes, _MADV_HUGEPAGE) != 0:
         return params  # nothing moved; the mapping goes with `memory`
     since_trim = 0
-    for (tree, key, _), offset in zip(slots, offsets):
+    for (tree, key), offset in zip(slots, offsets):
         v = tree[key]
         dst = memory[offset: offset + v.nbytes].view(v.dtype).reshape(v.shape)
         np.copyto(dst, np.asarray(v))
