@@ -16,11 +16,8 @@ Chunks are stored uncompressed (COMPRESSOR): orbax's zstd level 1 saved 7% on ra
 and float16 weights and 22% on bfloat16 (init_range 0.02), but reading a chunk back took 1.6x as
 long, at every load and every verification.
 
-Beside orbax's files, `params_manifest.json` records each parameter's dtype, shape and CRC-32
-of its bytes as stored: chunk by chunk in the order of the chunk grid, each chunk in C order (for
-a parameter of one chunk, zlib.crc32(a.tobytes())). orbax keeps no checksums, so a flipped bit in
-a chunk used to load silently; restore_params(verify=True) reads every parameter back once, a
-chunk at a time, and names the one that changed.
+Beside orbax's files, `params_manifest.json` records each parameter's dtype, shape and CRC-32;
+writing it and verifying against it live in mmjax/checkpoint_manifest.py.
 """
 from __future__ import annotations
 
@@ -39,6 +36,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import jax
 import numpy as np
 
+from mmjax.checkpoint_manifest import MANIFEST, verify_params, verify_stored, write_manifest
 from mmjax.errors import LoadError, MmjaxError
 
 __all__ = ["save_params", "restore_params", "verify_params", "iter_params", "param_shapes", "CHUNK_BYTES",
@@ -49,8 +47,6 @@ CHUNK_BYTES = 4 << 20
 # the writer's own share of memory, whatever the size of a parameter.
 INFLIGHT_BYTES = 128 << 20
 COMPRESSOR = None  # zarr v2 "compressor"; orbax's is {"id": "zstd", "level": 1} (module docstring)
-MANIFEST = "params_manifest.json"
-HASH = "crc32"  # zlib.crc32: ~3 GB/s here (sha256 1.4), releases the GIL; catches every burst of <= 32 flipped bits
 
 # orbax's choices (serialization/tensorstore_utils.py), so the database reads like one it wrote.
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000}
@@ -156,8 +152,6 @@ def _write_into(folder: str, path: str, params) -> dict:
         writes.wait(None)
     finally:
         writes.close()
-    for name, entry in manifest.items():
-        entry[HASH] = f"{writes.crcs[name]:08x}"
     keys = [tuple(n.split("/")) for n in manifest]
     _write_json(os.path.join(folder, "_METADATA"), {
         "tree_metadata": {str(k): {"key_metadata": [{"key": p, "key_type": 2} for p in k],
@@ -168,8 +162,7 @@ def _write_into(folder: str, path: str, params) -> dict:
     _write_json(os.path.join(folder, "_CHECKPOINT_METADATA"), {
         "item_handlers": _HANDLER, "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": t0,
         "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}})
-    out = {"format": 1, "hash": HASH, "params": manifest}
-    _write_json(os.path.join(folder, MANIFEST), out)
+    out = write_manifest(folder, manifest, writes.crcs)
     with open(os.path.join(folder, "commit_success.txt"), "w", encoding="utf-8") as f:
         f.write(f"Checkpoint commit was successful to {path}")
     return out
@@ -392,65 +385,6 @@ def _flat(tree, prefix: str = "") -> dict:
     return out
 
 
-def verify_params(path: str | os.PathLike) -> int:
-    """Check every parameter's bytes against params_manifest.json; returns how many were checked
-    (0 for a checkpoint without a manifest, written before mmjax kept one).
-
-    Reads the stored bytes on the host, a chunk (CHUNK_BYTES at most) at a time, whatever the
-    mesh a load will use: memory stays at a few chunks, far below the load's own peak. Raises LoadError
-    naming the first parameter that cannot be read or whose bytes changed."""
-    path = os.path.abspath(os.fspath(path))
-    return _verify(path, _flat(param_shapes(path)))
-
-
-def _verify(path: str, stored: Mapping[str, Any]) -> int:
-    import tensorstore as ts
-
-    file = os.path.join(path, MANIFEST)
-    if not os.path.exists(file):
-        return 0
-    try:
-        with open(file, encoding="utf-8") as f:
-            entries = json.load(f)["params"]
-        entries = {n: (str(e["dtype"]), tuple(e["shape"]), int(e[HASH], 16)) for n, e in entries.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-        raise LoadError(f"{file}: unreadable ({type(e).__name__}: {e}); mmjax.load(..., verify=False) skips the check") from None
-    problems = [f"{n}: in the checkpoint, not in {MANIFEST}" for n in stored if n not in entries]
-    problems += [f"{n}: in {MANIFEST}, not in the checkpoint" for n in entries if n not in stored]
-    problems += [f"{n}: {MANIFEST} records {entries[n][0]} {entries[n][1]}, the checkpoint has "
-                 f"{np.dtype(s.dtype).name} {tuple(s.shape)}" for n, s in stored.items()
-                 if n in entries and entries[n][:2] != (np.dtype(s.dtype).name, tuple(s.shape))]
-    if problems:
-        raise LoadError(f"{path}: parameters do not match {MANIFEST}:\n  " + "\n  ".join(problems))
-    ctx = ts.Context(_CONTEXT)
-    for name, (_, _, want) in entries.items():
-        try:
-            crc = _read_crc(ctx, path, name)
-        except Exception as e:
-            raise LoadError(f"{path}: parameter {name!r} cannot be read (truncated or corrupt data): "
-                            f"{type(e).__name__}: {_first_line(e)}") from e
-        if crc != want:
-            raise LoadError(f"{path}: parameter {name!r}: its bytes do not match {MANIFEST} (crc32 {crc:08x}, "
-                            f"recorded {want:08x}): the data changed after it was written. Convert again, or "
-                            "mmjax.load(..., verify=False) to load it anyway")
-    return len(entries)
-
-
-def _read_crc(ctx, path: str, name: str) -> int:
-    import tensorstore as ts
-
-    t = ts.open(_array_spec(path, name), open=True, context=ctx).result()
-    shape = tuple(t.shape)
-    chunks = _chunks(shape, list(t.chunk_layout.read_chunk.shape) if shape else [])
-    crc, nxt = 0, (t[chunks[0]].read() if chunks else None)
-    for i in range(len(chunks)):
-        block = nxt.result()
-        if i + 1 < len(chunks):
-            nxt = t[chunks[i + 1]].read()  # the next chunk is read while this one is hashed
-        crc = zlib.crc32(_bytes(np.require(block, requirements="C")), crc)
-    return crc
-
-
 def iter_params(path: str | os.PathLike, *, verify: bool = True) -> Iterator[tuple[str, np.ndarray]]:
     """("a/b/kernel", numpy array) for every parameter of a checkpoint, read one at a time (what
     re-writing a converted model, e.g. quantizing it, streams through: memory holds one
@@ -460,7 +394,7 @@ def iter_params(path: str | os.PathLike, *, verify: bool = True) -> Iterator[tup
     path = os.path.abspath(os.fspath(path))
     stored = _flat(param_shapes(path))
     if verify:
-        _verify(path, stored)
+        verify_stored(path, stored)
     ctx = ts.Context(_CONTEXT)
     for name in stored:
         try:
@@ -491,7 +425,7 @@ def restore_params(path: str | os.PathLike, target: Mapping[str, Any] | None = N
         if problems:
             raise LoadError(f"{path}: parameters do not match the model:\n  " + "\n  ".join(problems))
     if verify:
-        _verify(path, stored)
+        verify_stored(path, stored)
     ck = _checkpointer()
     try:
         return ck.restore(path, target)
