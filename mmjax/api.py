@@ -63,8 +63,14 @@ class Model:
         """`params` in the checkpoint's layout: a kernel mmjax.load packed into panels
         (`kernel_panels`, for the CPU matmul) comes back as its `kernel`, a new unpacked array."""
         from mmjax.kernels.cpu import panels
+        from mmjax.layers import fusion
+        from mmjax.models.base import abstract_init
 
-        return panels.unpack_params(self.params, {k: v.shape for k, v in param_shapes(self.module).items()})
+        _, contractions, groups = abstract_init(self.module)
+        shapes = {k: v.shape for k, v in param_shapes(self.module).items()}
+        unpacked = panels.unpack_params(self.params, {**shapes, **fusion.fused_shapes(self.params, groups, shapes,
+                                                                                      contractions)})
+        return fusion.unfuse_params(unpacked, groups, shapes)
 
     @property
     def tokenizer(self):
@@ -230,18 +236,23 @@ def _packs_by_default(cfg, mesh) -> bool:
 
 
 def _pack_decoder(module, params, float32: bool):
-    """The decoder's Einsum kernels as panels (mmjax.kernels.cpu.panels): those are the products
-    of the decode steps; the vision tower's run once per image with many rows. float32 kernels
-    only when asked: their prefill products run faster through XLA's GEMM, and unpacking them
-    in the program cost more than the panels saved (benchmark prefill 657 -> 765 ms; decode
-    batch 1 ~61 -> ~70 tok/s); bfloat16 and int8 prefills run as fast in the panel kernel."""
+    """The decoder's projections that read one input fused (q|k|v, gate|up: mmjax.layers.fusion),
+    then its Einsum kernels as panels (mmjax.kernels.cpu.panels): those are the products of the
+    decode steps; the vision tower's run once per image with many rows. float32 kernels only
+    when asked: their prefill products run faster through XLA's GEMM, and unpacking them in
+    the program cost more than the panels saved (benchmark prefill 657 -> 765 ms; decode batch
+    1 ~61 -> ~70 tok/s); bfloat16 and int8 prefills run as fast in the panel kernel."""
     from mmjax.kernels.cpu import panels
-    from mmjax.quantization import einsum_contractions
+    from mmjax.layers import fusion
+    from mmjax.models.base import abstract_init
+
+    _, contractions, groups = abstract_init(module)
+    params, fused = fusion.fuse_params(params, groups, contractions, select=lambda path: path.startswith("decoder/"))
 
     def select(path, array):
         return path.startswith("decoder/") and (float32 or array.dtype != np.float32)
 
-    return panels.pack_params(params, einsum_contractions(module), select=select)
+    return panels.pack_params(params, {**contractions, **fused}, select=select)
 
 
 def _lengths(input_ids, attention_mask) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Column-panel kernels (mmjax/kernels/cpu/panels.cc, .py): the kernel against its reference,
 packing, the Einsum paths that read a packed kernel, and mmjax.load packing the decoder."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,7 +162,13 @@ def test_load_packs_the_decoder_and_generates_the_same(tiny_llava):
     packed, plain = mmjax.load(tiny_llava.flax, pack_weights=True), mmjax.load(tiny_llava.flax, pack_weights=False)
     p, q = flatten_params(packed.params), flatten_params(plain.params)
     kernels = sorted(k for k in q if k.endswith("/kernel") and k.startswith("decoder/"))
-    assert kernels and all(k[: -len("kernel")] + panels.PACKED in p and k not in p for k in kernels)
+
+    def packed_path(k):  # q|k|v and gate|up fused before packing (mmjax.layers.fusion)
+        k = re.sub(r"/attn/[qkv]/kernel$", "/attn/qkv/kernel", re.sub(r"/mlp/(gate|up)/kernel$", "/mlp/gate_up/kernel", k))
+        return k[: -len("kernel")] + panels.PACKED
+
+    assert kernels and all(packed_path(k) in p and k not in p for k in kernels)
+    assert len({packed_path(k) for k in kernels}) == len(kernels) - 3 * 2  # 2 layers: 7 products -> 4
     assert "vision/layers_0/attn/q/kernel" in p  # the tower runs with many rows: left as stored
     assert not any(k.endswith(panels.PACKED) for k in q)
     back = flatten_params(packed.checkpoint_params())
@@ -180,7 +188,8 @@ def test_load_packs_narrow_kernels_by_default(tiny_llava, tmp_path):
     convert(tiny_llava.hf, tmp_path / "bf16", dtype="bfloat16", progress=False)
     m = mmjax.load(tmp_path / "bf16")
     p = flatten_params(m.params)
-    assert p["decoder/layers_0/mlp/up/kernel_panels"].dtype == jnp.bfloat16 and "decoder/layers_0/mlp/up/kernel" not in p
+    up = "decoder/layers_0/mlp/gate_up/kernel_panels"  # gate|up fused, then packed: [2F / 64, D, 64]
+    assert p[up].dtype == jnp.bfloat16 and p[up].shape == (2 * 128 // 64, 64, 64) and "decoder/layers_0/mlp/up/kernel" not in p
     assert p["decoder/lm_head/kernel_panels"].shape == (512 // 64, 64, 64)  # [P, K = D, 64], vocab 512
     out = mmjax.generate(m, None, "Tell me a story.", max_new_tokens=4)
     assert len(out.token_ids) == 4

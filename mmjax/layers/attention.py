@@ -17,6 +17,7 @@ from mmjax.kernels import kv_cache
 from mmjax.kernels.cpu import write_rows as cpu_write_rows
 from mmjax.kernels.paged_attention import paged_attention, write_pages
 from mmjax.kernels.policy import KernelPolicy
+from mmjax.layers import fusion
 from mmjax.layers.linear import Einsum
 from mmjax.layers.rope import apply_rope
 
@@ -81,7 +82,9 @@ class Attention(nn.Module):
     o_bias: bool = False
     kernels: KernelPolicy = KernelPolicy()
     dtype: jnp.dtype = jnp.float32
-    # Separate layouts: fused qkv checkpoints are split by the converter, not here.
+    # Separate layouts: fused qkv checkpoints are split by the converter, not here; mmjax.load
+    # fuses them again where one product is cheaper than three (mmjax.layers.fusion).
+    FUSIONS = (("qkv", ("q", "k", "v")),)
 
     @nn.compact
     def __call__(self, x, mask: MaskSpec, rope=None, cache=None, write_index=None):
@@ -97,9 +100,12 @@ class Attention(nn.Module):
         """
         D, N, K, H = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         kw = dict(kernels=self.kernels)
-        q = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H) if self.qkv_bias else None, self.dtype, name="q", **kw)(x)
-        k = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="k", **kw)(x)
-        v = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="v", **kw)(x)
+        if self.has_variable("params", "qkv"):  # fused at load
+            q, k, v = fusion.project(x, "qkv", ((N, H), (K, H), (K, H)), self.qkv_bias, self.dtype, self.kernels)
+        else:
+            q = Einsum((D, N, H), "BTD,DNH->BTNH", (N, H) if self.qkv_bias else None, self.dtype, name="q", **kw)(x)
+            k = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="k", **kw)(x)
+            v = Einsum((D, K, H), "BTD,DKH->BTKH", (K, H) if self.qkv_bias else None, self.dtype, name="v", **kw)(x)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

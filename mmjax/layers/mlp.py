@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.kernels.policy import KernelPolicy
+from mmjax.layers import fusion
 from mmjax.layers.activations import get_activation
 from mmjax.layers.linear import Einsum
 
@@ -13,6 +14,8 @@ __all__ = ["GatedMLP", "MLP"]
 
 class GatedMLP(nn.Module):
     """SwiGLU (Llama): down(act(gate(x)) * up(x))."""
+
+    FUSIONS = (("gate_up", ("gate", "up")),)  # fused at load where it pays (mmjax.layers.fusion)
 
     hidden_size: int  # D
     intermediate_size: int  # F
@@ -25,8 +28,11 @@ class GatedMLP(nn.Module):
     def __call__(self, x):  # [B, T, D]
         D, F = self.hidden_size, self.intermediate_size
         fb, kw = (F,) if self.use_bias else None, dict(kernels=self.kernels)
-        gate = Einsum((D, F), "BTD,DF->BTF", fb, self.dtype, name="gate", **kw)(x)
-        up = Einsum((D, F), "BTD,DF->BTF", fb, self.dtype, name="up", **kw)(x)
+        if self.has_variable("params", "gate_up"):  # fused at load (mmjax.layers.fusion)
+            gate, up = fusion.project(x, "gate_up", ((F,), (F,)), self.use_bias, self.dtype, self.kernels)
+        else:
+            gate = Einsum((D, F), "BTD,DF->BTF", fb, self.dtype, name="gate", **kw)(x)
+            up = Einsum((D, F), "BTD,DF->BTF", fb, self.dtype, name="up", **kw)(x)
         h = get_activation(self.act)(gate) * up
         return Einsum((F, D), "BTF,FD->BTD", (D,) if self.use_bias else None, self.dtype, name="down", **kw)(h)
 

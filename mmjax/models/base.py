@@ -33,7 +33,7 @@ __all__ = ["param_shapes", "merge_at_tokens", "prefill_logits"]
 def param_shapes(module) -> dict:
     """{"a/b/kernel": ShapeDtypeStruct} of the module's params, allocating nothing. With
     `module.cfg.quant` set, the quantized layout (int8 kernels + their scales, mmjax.quantization)."""
-    shapes, contractions = abstract_init(module)
+    shapes, contractions, _ = abstract_init(module)
     quant = getattr(getattr(module, "cfg", None), "quant", None)
     if quant is not None:
         from mmjax.quantization import quantized_layout
@@ -43,27 +43,33 @@ def param_shapes(module) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def abstract_init(module) -> tuple[dict, dict]:
+def abstract_init(module) -> tuple[dict, dict, dict]:
     """One abstract init of `module` (nothing allocated; ~1 s for the benchmark model), cached
-    per module config: its flat param shapes, and {"a/b/kernel": contracted leading axes} of
-    every Einsum (found by intercepting their calls). mmjax.load needs both, the quantized
-    layout and the weight panels the second. Callers copy before changing either."""
+    per module config: its flat param shapes, {"a/b/kernel": contracted leading axes} of every
+    Einsum, and {"a/b": FUSIONS} of every module that declares projections it can fuse
+    (mmjax.layers.fusion), found by intercepting their calls. mmjax.load needs all three: the
+    quantized layout, the weight panels and the fused projections. Callers copy before changing
+    any."""
     import flax.linen as nn
 
     from mmjax.layers.linear import Einsum
     from mmjax.quantization import contracted_axes
 
     found: dict[str, int] = {}
+    fusable: dict[str, tuple] = {}
 
     def record(next_fn, args, kwargs, context):
-        if isinstance(context.module, Einsum) and context.method_name == "__call__":
-            found["/".join(context.module.path) + "/kernel"] = contracted_axes(context.module.eqn)
+        if context.method_name == "__call__":
+            if isinstance(context.module, Einsum):
+                found["/".join(context.module.path) + "/kernel"] = contracted_axes(context.module.eqn)
+            elif getattr(context.module, "FUSIONS", None):
+                fusable["/".join(context.module.path)] = context.module.FUSIONS
         return next_fn(*args, **kwargs)
 
     batch = module.example_batch()
     with nn.intercept_methods(record):
         tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), batch))
-    return flatten_params(tree["params"]), found
+    return flatten_params(tree["params"]), found, fusable
 
 
 def decode_params(module, params: dict) -> dict:
