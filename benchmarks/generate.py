@@ -8,7 +8,10 @@ converts it, checks both produce the same greedy tokens, then times:
 prefill (image + 128-token prompt, batch 1), decode tokens/s at batch 1 and 8 (64 new tokens,
 min_new_tokens=64 so both sides time exactly 64), time to first token in a fresh process (cold,
 and with the persistent compile cache warm), peak RSS, and decode ms/token against the memory
-roofline (bytes one decode step reads / bandwidth measured in this run).
+roofline (bytes one decode step reads / bandwidth measured in this run). Then the same weights
+as bf16, int8 and int8 + LM head, and with an int8 KV cache: decode tokens/s at batch 1 and 8
+against fp32 mmjax, HF fp32 and each one's own roofline (--no-narrow skips them;
+benchmarks/quantization.py adds their accuracy).
 """
 from __future__ import annotations
 
@@ -93,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--quick", action="store_true", help="tiny model, to check the script runs")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-narrow", action="store_true", help="skip the bf16 / int8 weight and int8 KV cache rows")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -167,6 +171,25 @@ def main(argv=None) -> int:
     nbytes = decode_bytes(model.params)
     floor_ms = nbytes / bw * 1e3
 
+    # 4b. narrow weights and KV cache: the same checkpoint as bf16, int8, int8 + LM head, and that
+    # with an int8 KV cache, alternating with fp32 mmjax in each round (benchmarks/quantization.py
+    # adds their accuracy against fp32); the HF side is its fp32 speed from 3.
+    narrow = []
+    if not args.no_narrow:
+        from benchmarks.quantization import convert_narrow, decode_speeds, speed_row
+
+        dirs = convert_narrow(hf_dir, flax_dir, work)
+        models = {"fp32": model, **{k: mmjax.load(d, compile_cache=False) for k, d in dirs.items()}}
+        models["int8+head+kv8"] = mmjax.load(dirs["int8+head"], compile_cache=False, kv_cache_dtype="int8")
+        speeds = decode_speeds(models, image, prompt, args.repeats)
+        narrow = ["", f"narrow weights and KV cache, decode (medians of {args.repeats} rounds alternating with fp32 "
+                      f"mmjax; HF = HF transformers fp32 above):"]
+        for B, sp in speeds.items():
+            hf_tps = B * 1e3 / rows[B][1]
+            narrow += [f"  {speed_row(k, B, sp[k], sp['fp32'], m.params, bw)}  x{sp[k] / hf_tps:4.2f} HF"
+                       for k, m in models.items()]
+        del models
+
     # 5. fresh-process time to first token, cold and with the persistent cache warm; peak RSS
     cache_dir = tempfile.mkdtemp(prefix="mmjax-jaxcache-")
     cold = fresh_process_ttft(flax_dir, cache_dir)
@@ -199,6 +222,7 @@ def main(argv=None) -> int:
         f"{floor_ms:.1f} ms/token = {1e3 / floor_ms:.0f} tok/s; mmjax batch 1 reaches "
         f"{floor_ms / b1[0] * 100:.0f}% of it.",
         f"greedy tokens identical to HF: {same}",
+        *narrow,
     ]
     print("\n".join(lines))
     return 0 if same else 1

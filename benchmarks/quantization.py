@@ -49,6 +49,46 @@ def agreement(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
             "max_abs_logit_diff": float(np.abs(ref_logits - logits).max())}
 
 
+def convert_narrow(hf_dir: str, fp32_dir: str, work: str) -> dict[str, str]:
+    """The benchmark checkpoint as bf16 (from the HF folder), int8 and int8 + LM head (from the
+    float32 one): {kind: folder}."""
+    from converters.torch2flax import convert
+
+    dirs = {k: os.path.join(work, k) for k in KINDS[1:]}
+    convert(hf_dir, dirs["bf16"], dtype="bfloat16", overwrite=True, progress=False)
+    convert(fp32_dir, dirs["int8"], quantize="int8", overwrite=True)
+    # the LM head is a quarter of the decoder's weights here (768 x 32000): int8 with it too
+    convert(fp32_dir, dirs["int8+head"], quantize="int8", quantize_lm_head=True, overwrite=True)
+    return dirs
+
+
+def decode_speeds(models: dict, image, prompt: str, rounds: int, batches=(1, 8)) -> dict[int, dict[str, float]]:
+    """{batch: {kind: decode tok/s}}: N_NEW tokens each, the kinds alternating within each round
+    (the machine drifts over minutes), median of `rounds` after one compile run."""
+    import mmjax
+
+    out = {}
+    for B in batches:
+        kw = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, chat_template=False)
+        for m in models.values():
+            mmjax.generate(m, [[image]] * B, [prompt] * B, **kw)  # compile
+        runs = {k: [] for k in models}
+        for _ in range(rounds):
+            for k, m in models.items():
+                runs[k].append(mmjax.generate(m, [[image]] * B, [prompt] * B, **kw).timings["decode_tok_s"])
+        out[B] = {k: statistics.median(v) for k, v in runs.items()}
+    return out
+
+
+def speed_row(kind: str, B: int, tps: float, fp32_tps: float, params, bw: float) -> str:
+    """One kind's decode speed against fp32 mmjax and its memory roofline (weights one step
+    reads / bandwidth bw)."""
+    step_bytes = decode_bytes(params)
+    roof = bw / step_bytes * B  # tokens/s if a step only streamed its weights at bw
+    return (f"batch {B} {kind:16s} {tps:7.1f} tok/s  x{tps / fp32_tps:4.2f} fp32   weights/step "
+            f"{step_bytes / 2**20:6.1f} MiB  roofline {roof:7.1f} tok/s ({tps / roof:4.0%})")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quantization", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
@@ -65,14 +105,10 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     work = args.work or tempfile.mkdtemp(prefix="mmjax-quant-bench-")
     hf_dir = os.path.join(work, "hf")
-    dirs = {k: os.path.join(work, k) for k in KINDS}
     t = time.perf_counter()
     save_tiny_llava(hf_dir, bench_config(args.quick), vocab_size=512)
-    convert(hf_dir, dirs["fp32"], overwrite=True, progress=False)
-    convert(hf_dir, dirs["bf16"], dtype="bfloat16", overwrite=True, progress=False)
-    convert(dirs["fp32"], dirs["int8"], quantize="int8", overwrite=True)
-    # the LM head is a quarter of the decoder's weights here (768 x 32000): int8 with it too
-    convert(dirs["fp32"], dirs["int8+head"], quantize="int8", quantize_lm_head=True, overwrite=True)
+    convert(hf_dir, os.path.join(work, "fp32"), overwrite=True, progress=False)
+    dirs = {"fp32": os.path.join(work, "fp32"), **convert_narrow(hf_dir, os.path.join(work, "fp32"), work)}
     print(f"built + converted in {time.perf_counter() - t:.0f} s ({work})", flush=True)
     models = {k: mmjax.load(d, compile_cache=False) for k, d in dirs.items()}
 
@@ -98,21 +134,9 @@ def main(argv=None) -> int:
     bw = measure_bandwidth()
     print(f"\ndecode tokens/s ({N_NEW} new tokens; median of {args.rounds} alternating rounds; "
           f"bandwidth {bw / 1e9:.1f} GB/s measured now):")
-    for B in (1, 8):
-        kw = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, chat_template=False)
-        for m in models.values():
-            mmjax.generate(m, [[image]] * B, [prompt] * B, **kw)  # compile
-        runs = {k: [] for k in models}
-        for _ in range(args.rounds):
-            for k, m in models.items():
-                runs[k].append(mmjax.generate(m, [[image]] * B, [prompt] * B, **kw).timings["decode_tok_s"])
-        fp32 = statistics.median(runs["fp32"])
+    for B, speeds in decode_speeds(models, image, prompt, args.rounds).items():
         for k, m in models.items():
-            tps = statistics.median(runs[k])
-            step_bytes = decode_bytes(m.params)
-            roof = bw / step_bytes * B  # tokens/s if a step only streamed its weights at bw
-            print(f"  batch {B} {k:9s} {tps:7.1f} tok/s  x{tps / fp32:4.2f} fp32   weights/step "
-                  f"{step_bytes / 2**20:6.1f} MiB  roofline {roof:7.1f} tok/s ({tps / roof:4.0%})", flush=True)
+            print("  " + speed_row(k, B, speeds[k], speeds["fp32"], m.params, bw), flush=True)
     load1 = os.getloadavg()
     print(f"\nload average (1, 5, 15 min) before {tuple(round(x, 2) for x in load0)}, after "
           f"{tuple(round(x, 2) for x in load1)} on {os.cpu_count()} cores" +
