@@ -38,6 +38,7 @@ import numpy as np
 from converters.families import rules_for
 from converters.rules import build_plan
 from mmjax.errors import InputError
+from mmjax.layers.fusion import split
 from mmjax.tree import flatten_params
 
 __all__ = ["Point", "ParityReport", "compare", "default_points"]
@@ -214,6 +215,28 @@ def _flax_batch(inputs: Mapping, dtype) -> dict:
     return batch
 
 
+def _fused_members(model) -> dict[str, tuple[str, int, tuple]]:
+    """{member path: (fused path, its index, the members' output shapes)} of the projections
+    mmjax.load fused (q|k|v, gate|up: mmjax.layers.fusion), so that their points keep the
+    checkpoint's names. A (module, params) pair is run as given: nothing to map."""
+    if isinstance(model, tuple):
+        return {}
+    from mmjax.models.base import abstract_init, param_shapes
+
+    _, contractions, groups = abstract_init(model.module)
+    shapes = param_shapes(model.module)
+    holders = {k.rsplit("/", 1)[0] for k in flatten_params(model.params)}  # "a/b/qkv" of "a/b/qkv/kernel"
+    out = {}
+    for path, fusions in groups.items():
+        for name, members in fusions:
+            if f"{path}/{name}" not in holders:
+                continue
+            outs = tuple(tuple(shapes[f"{path}/{m}/kernel"].shape)[contractions[f"{path}/{m}/kernel"]:]
+                         for m in members)
+            out.update({f"{path}/{m}": (f"{path}/{name}", i, outs) for i, m in enumerate(members)})
+    return out
+
+
 def _run_flax(module, params, batch, wanted: set[str], sown: bool):
     """Apply the module eagerly (no jit: values are concrete, and the per-op compile cache is
     shared by later runs of same-shaped models), recording the `__call__` output of every
@@ -338,7 +361,11 @@ def compare(torch_model, torch_inputs, model, inputs: Mapping, points: Mapping[s
 
     theirs, order = _run_torch(torch_model, torch_inputs, set(mapping.values()))
     batch = _flax_batch(inputs, getattr(module, "dtype", jnp.float32))
-    ours, _ = _run_flax(module, params, batch, set(mapping), sown=False)
+    fused = _fused_members(model)
+    ours, _ = _run_flax(module, params, batch, set(mapping) | {f for f, _, _ in fused.values()}, sown=False)
+    for member, (f, i, outs) in fused.items():  # the fused product's share, named as stored
+        if member in mapping and f in ours:
+            ours[member] = split(ours[f], outs)[i]
     module_paths = {m for p in flatten_params(params) for m in _ancestors(p)}
     need_sown = [n for n in mapping if n not in ours and n not in module_paths]
     sown_error = None

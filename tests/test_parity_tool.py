@@ -92,6 +92,9 @@ def test_llava_is_within_tolerance(tiny_llava):
     names = {p.name: p.torch_name for p in report.points}
     assert names["decoder/layers_1"] == "model.language_model.layers.1"
     assert names["vision/layers_0/attn/q"] == "model.vision_tower.encoder.layers.0.self_attn.q_proj"
+    # the decoder's q|k|v and gate|up run fused (mmjax.layers.fusion): compared by their stored names
+    assert names["decoder/layers_0/attn/k"] == "model.language_model.layers.0.self_attn.k_proj"
+    assert names["decoder/layers_1/mlp/up"] == "model.language_model.layers.1.mlp.up_proj"
     assert names["projector/mlp"] == "model.multi_modal_projector"
 
 

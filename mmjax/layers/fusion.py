@@ -78,7 +78,7 @@ def fuse_params(params: dict, groups: Mapping[str, tuple], contractions: Mapping
             parts = set(subs[0])
             ks = [math.prod(s["kernel"].shape[: contractions[f"{path}/{m}/kernel"]]) for m, s in zip(members, subs)]
             if (not parts <= set(_PARTS) or any(set(s) != parts for s in subs) or len(set(ks)) != 1
-                    or len({s[p].dtype for s in subs for p in ("kernel",)}) != 1):
+                    or any(len({s[p].dtype for s in subs}) != 1 for p in parts)):
                 continue
             out = {"kernel": jnp.concatenate([s["kernel"].reshape(ks[0], -1) for s in subs], axis=1)}
             for p in parts - {"kernel"}:
