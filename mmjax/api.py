@@ -149,12 +149,13 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
     verify: check every parameter's bytes against params/params_manifest.json first (docs/converters.md).
     kv_cache_dtype: "auto" (the model's dtype), "float32", "bfloat16" or "int8" (a scale per token
     and kv head; mmjax.kernels.kv_cache), for generate and the serving engine.
-    pack_weights: store the decoder's projection kernels in column panels for the CPU matmul
-    kernel (mmjax.kernels.cpu.panels; faster decode steps). None (default): the bfloat16 and
-    int8 kernels, when the model runs on one CPU device with the policy's matmul_cpu="cpu";
-    True: float32 kernels too (decode ~15% faster, prefill ~15% slower: it unpacks them for
-    XLA's GEMM); False keeps the checkpoint layout (model.checkpoint_params() gives it back
-    either way).
+    pack_weights: fuse the decoder's q|k|v and gate|up kernels into one product each
+    (mmjax.layers.fusion) and store its projection kernels in column panels for the CPU matmul
+    kernel (mmjax.kernels.cpu.panels; faster decode steps). None (default): when the model runs
+    on one CPU device with the policy's matmul_cpu="cpu", fuse, and pack the bfloat16 and int8
+    kernels; True: float32 kernels too (decode ~15% faster, prefill ~15% slower: it unpacks them
+    for XLA's GEMM), refused with a mesh; False keeps the checkpoint layout
+    (model.checkpoint_params() gives it back either way).
     huge_pages: on one CPU device (Linux), move the params into one buffer of 2 MiB pages
     (mmjax.kernels.cpu.hugepages): decode ~10-13% faster on the benchmark machine, but loading
     there paid ~5 ms per MB of params to fault the pages in, so it is opt-in."""
@@ -165,6 +166,9 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
     if mm_encoder_tp_mode not in ENCODER_MODES:
         raise InputError(f"mm_encoder_tp_mode={mm_encoder_tp_mode!r} is not one of {', '.join(ENCODER_MODES)}")
 
+    if pack_weights and mesh is not None:  # panels and fused kernels have no sharding rules
+        raise InputError("pack_weights=True: the panel layout is for one CPU device; with a mesh the kernels "
+                         "stay as stored (pack_weights=None or False)")
     if compile_cache if compile_cache is not None else cc.enabled_by_env():
         cc.enable()
 

@@ -92,3 +92,10 @@ def test_load_fuses_the_decoder_and_runs_the_same(tiny_llava):
     x = mmjax.generate(fused, None, ["describe it", "hi there"], **kw)
     y = mmjax.generate(plain, None, ["describe it", "hi there"], **kw)
     assert x.token_ids == y.token_ids
+
+
+def test_packing_with_a_mesh_is_refused(tiny_llava):
+    with pytest.raises(mmjax.errors.InputError, match="pack_weights=True: the panel layout is for one CPU device"):
+        mmjax.load(tiny_llava.flax, mesh="data:1", pack_weights=True)
+    on_mesh = flatten_params(mmjax.load(tiny_llava.flax, mesh="data:1").params)  # default: stored layout
+    assert "decoder/layers_0/attn/q/kernel" in on_mesh and "decoder/layers_0/attn/qkv/kernel" not in on_mesh
