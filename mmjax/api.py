@@ -153,8 +153,8 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
     (mmjax.layers.fusion) and store its projection kernels in column panels for the CPU matmul
     kernel (mmjax.kernels.cpu.panels; faster decode steps). None (default): when the model runs
     on one CPU device with the policy's matmul_cpu="cpu", fuse, and pack the bfloat16 and int8
-    kernels; True: float32 kernels too (decode ~15% faster, prefill ~15% slower: it unpacks them
-    for XLA's GEMM), refused with a mesh; False keeps the checkpoint layout
+    kernels; True: float32 kernels too (benchmark: decode ~5% faster, prefill ~7% slower than
+    XLA's GEMM on row-major kernels), refused with a mesh; False keeps the checkpoint layout
     (model.checkpoint_params() gives it back either way).
     huge_pages: on one CPU device (Linux), move the params into one buffer of 2 MiB pages
     (mmjax.kernels.cpu.hugepages): decode ~10-13% faster on the benchmark machine, but loading
@@ -243,9 +243,9 @@ def _pack_decoder(module, params, float32: bool):
     """The decoder's projections that read one input fused (q|k|v, gate|up: mmjax.layers.fusion),
     then its Einsum kernels as panels (mmjax.kernels.cpu.panels): those are the products of the
     decode steps; the vision tower's run once per image with many rows. float32 kernels only
-    when asked: their prefill products run faster through XLA's GEMM, and unpacking them in
-    the program cost more than the panels saved (benchmark prefill 657 -> 765 ms; decode batch
-    1 ~61 -> ~70 tok/s); bfloat16 and int8 prefills run as fast in the panel kernel."""
+    when asked: row-major, their prefill runs in XLA's GEMM, a little faster than the panel
+    kernel, and their decode in cpu.gemv, a little slower (docs/cpu_kernels.md, "Weight
+    panels"); bfloat16 and int8 run faster in the panel kernel either way."""
     from mmjax.kernels.cpu import panels
     from mmjax.layers import fusion
     from mmjax.models.base import abstract_init

@@ -10,7 +10,7 @@ import pytest
 import mmjax
 from mmjax.kernels.cpu import panels
 from mmjax.kernels.policy import KernelPolicy
-from mmjax.layers.linear import PANEL_MAX_F32_ROWS, Einsum
+from mmjax.layers.linear import Einsum
 from mmjax.quantization import quantize_int8
 from mmjax.tree import flatten_params
 
@@ -131,13 +131,13 @@ def test_einsum_reads_packed_kernels(kind):
             assert err <= bound, (kind, eqn, b, t, err)
 
 
-def test_float32_prefills_over_the_limit_unpack_for_xla():
+def test_prefills_of_every_dtype_take_the_panel_kernel():
     layer, plain, packed = packed_layer("float32", (96, 4, 16), "BTD,DNH->BTNH")
-    x = rand(1, PANEL_MAX_F32_ROWS + 1, 96, seed=5)
-    assert "mmjax_gemv_panels" not in lowered(layer, packed, x)
+    x = rand(1, 200, 96, seed=5)  # 33 6-row tiles and 2 rows
+    assert panels.TARGETS["float32"] in lowered(layer, packed, x)
     assert float(jnp.max(jnp.abs(jax.jit(layer.apply)(packed, x) - jax.jit(layer.apply)(plain, x)))) <= 1e-5
     b16, _, p16 = packed_layer("bfloat16", (96, 4, 16), "BTD,DNH->BTNH")
-    assert panels.TARGETS["bfloat16"] in lowered(b16, p16, x.astype(jnp.bfloat16))  # narrow: always the kernel
+    assert panels.TARGETS["bfloat16"] in lowered(b16, p16, x.astype(jnp.bfloat16))
     other = layer.clone(kernels=KernelPolicy(platforms=("cuda",)))  # lowered elsewhere: unpacked in the program
     assert "mmjax_gemv_panels" not in lowered(other, packed, rand(1, 1, 96))
     xla = layer.clone(kernels=KernelPolicy(matmul_cpu="xla"))  # the policy's choice holds for packed kernels too

@@ -34,8 +34,7 @@ class Einsum(nn.Module):
 
     A packed kernel (`kernel_panels` [P, K, 64] in place of `kernel`, as mmjax.load stores the
     decoder's kernels for the CPU; mmjax.kernels.cpu.panels) is the same math: on CPU the panel
-    kernel reads it (any number of rows, except float32 prefills over PANEL_MAX_F32_ROWS rows,
-    where XLA's GEMM on the unpacked kernel is faster); elsewhere the program unpacks it."""
+    kernel reads it, for any number of rows; elsewhere the program unpacks it."""
 
     shape: tuple[int, ...]
     eqn: str
@@ -82,10 +81,8 @@ class Einsum(nn.Module):
         k_in, n = math.prod(self.shape[:c]), math.prod(self.shape[c:])
         scale = self.get_variable("params", SCALE) if self.has_variable("params", SCALE) else None
         split = _row_matmul_split(self.eqn, x.ndim, self.flatten_contraction)
-        rows = math.prod(x.shape[: x.ndim - split]) if split is not None else None
         kernel = (split is not None and self.kernels.matmul_cpu == "cpu" and "cpu" in self.kernels.platforms
-                  and cpu_ffi.available()
-                  and (panels.dtype != jnp.float32 or rows <= PANEL_MAX_F32_ROWS))
+                  and cpu_ffi.available())
         einsum = functools.partial(_einsum, eqn=self.eqn, shape=self.shape, flatten_contraction=self.flatten_contraction)
 
         def unpacked(x, p, *s):
@@ -97,13 +94,6 @@ class Einsum(nn.Module):
             return ("unpacked",), unpacked
         args = (x, panels) if scale is None else (x, panels, scale)
         return dispatch(self.kernels, plan, *args)
-
-
-# float32 panels: up to this many rows the panel kernel, above it XLA's GEMM on the kernel
-# unpacked in the program (faster from ~64 rows on, unpacking included; docs/cpu_kernels.md,
-# "Weight panels"). The narrow dtypes always take the panel kernel: XLA widens them before its
-# GEMM, no faster.
-PANEL_MAX_F32_ROWS = 64
 
 
 def _panels(x, panels, scale=None, *, c, k_in, out):
