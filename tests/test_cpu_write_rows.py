@@ -82,3 +82,39 @@ def test_donated_writes_are_in_place_with_no_convert_or_copy(dtype):
     if dtype == jnp.bfloat16:
         text = jax.jit(lambda c, n, i: write_cache(c, n, i, XLA), donate_argnums=0).lower(cache, new, index)
         assert "f32[8,4,256,64]" in text.compile().as_text(), "XLA:CPU writes bf16 in place now"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_read_rows_equal_the_gather_and_out_of_range_rows_are_clipped(dtype):
+    table = rand((11, 24), 3, dtype)
+    rows = jnp.asarray([4, 0, -3, 10, 99, 4], jnp.int32)
+    got = jax.jit(wr.read_rows)(table, rows)
+    assert got.shape == (6, 24) and got.dtype == table.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(wr.read_rows_reference(table, rows), np.float32))
+    np.testing.assert_array_equal(np.asarray(got[2], np.float32), np.asarray(table[0], np.float32))  # -3 -> row 0
+
+
+def test_bf16_embedding_in_a_decode_loop_is_read_by_rows_not_converted_whole():
+    """The decoders' embedding gather in a loop of steps (as Engine.decode_steps runs them): XLA:CPU
+    gathers bfloat16 in float32 and hoists the table's convert out of the loop, so each call
+    wrote the whole table out in float32. Through take_rows' CPU branch: no [V, D] convert, and
+    the same rows as the XLA branch, gradient included."""
+    from mmjax.layers.linear import take_rows
+
+    table, ids0 = rand((512, 64), 4), jnp.asarray([[7], [300]], jnp.int32)
+
+    def loop(kernels):
+        def f(table, ids):
+            def body(i, carry):
+                ids, acc = carry
+                x = take_rows(table, ids, kernels).astype(jnp.float32)  # [B, 1, D]
+                return (ids + 1) % 512, acc + x
+            return jax.lax.fori_loop(0, 8, body, (ids, jnp.zeros((2, 1, 64), jnp.float32)))[1]
+        return jax.jit(f)
+
+    for kernels, wide in ((CPU, False), (XLA, True)):
+        hlo = loop(kernels).lower(table, ids0).compile().as_text()
+        assert bool(re.search(r"f32\[512,64\]\{[^}]*\} convert\(", hlo)) == wide, kernels
+    np.testing.assert_array_equal(np.asarray(loop(CPU)(table, ids0)), np.asarray(loop(XLA)(table, ids0)))
+    g = lambda kernels: jax.grad(lambda t: jnp.sum(take_rows(t, ids0, kernels).astype(jnp.float32) ** 2))(table)
+    np.testing.assert_array_equal(np.asarray(g(CPU), np.float32), np.asarray(g(XLA), np.float32))

@@ -46,7 +46,7 @@ class LlamaDecoder(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed = Embed(c.vocab_size, c.hidden_size, self.dtype)
+        self.embed = Embed(c.vocab_size, c.hidden_size, self.dtype, c.kernels)
         self.layers = [LlamaBlock(c, self.dtype) for _ in range(c.num_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps, self.dtype)
         if not c.tie_word_embeddings:

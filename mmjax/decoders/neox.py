@@ -164,7 +164,7 @@ class NeoXDecoder(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed = Embed(c.vocab_size, c.hidden_size, self.dtype)
+        self.embed = Embed(c.vocab_size, c.hidden_size, self.dtype, c.kernels)
         if c.position == "learned":
             self.pos_embed = Embed(c.max_position_embeddings, c.hidden_size, self.dtype)
         self.layers = [NeoXBlock(c, self.dtype) for _ in range(c.num_layers)]

@@ -12,15 +12,17 @@ import functools
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.kernels.cpu import ffi as cpu_ffi
 from mmjax.kernels.cpu import gemv as cpu_gemv
 from mmjax.kernels.cpu import panels as cpu_panels
+from mmjax.kernels.cpu import write_rows as cpu_rows
 from mmjax.kernels.policy import KernelPolicy, dispatch
 from mmjax.quantization import SCALE, contracted_axes
 
-__all__ = ["Einsum", "Embed"]
+__all__ = ["Einsum", "Embed", "take_rows"]
 
 
 class Einsum(nn.Module):
@@ -150,6 +152,7 @@ class Embed(nn.Module):
     num_embeddings: int  # V
     features: int  # D
     dtype: jnp.dtype = jnp.float32
+    kernels: KernelPolicy = KernelPolicy()
 
     def setup(self):
         self.embedding = self.param(
@@ -157,7 +160,40 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids):  # [B, T] -> [B, T, D]
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        return take_rows(self.embedding, ids, self.kernels).astype(self.dtype)
 
     def attend(self, x):  # [B, T, D] -> [B, T, V]
         return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype))
+
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def take_rows(table, ids, kernels: KernelPolicy = KernelPolicy()):
+    """table [V, D] rows at ids [...] -> [..., D] (an id outside [0, V) clipped). A 16-bit float
+    table goes, in the CPU branch the policy allows, through mmjax.kernels.cpu.write_rows.read_rows
+    (bytes copied): XLA:CPU gathers bfloat16 in float32, converting the whole table, and hoists
+    that convert out of the decode loop (Engine.decode_steps), 98 MB written per call on the
+    bfloat16 benchmark model (~4 ms a token). Elsewhere, and for other dtypes, jnp.take."""
+    def xla(table, ids):
+        return jnp.take(table, ids, axis=0, mode="clip")
+
+    if not (jnp.dtype(table.dtype).itemsize == 2 and jnp.issubdtype(table.dtype, jnp.floating)):
+        return xla(table, ids)
+
+    def rows(table, ids):
+        return cpu_rows.read_rows(table, ids.reshape(-1)).reshape(*ids.shape, table.shape[1])
+
+    return cpu_rows.dispatch_write(kernels, rows, xla, table, ids)
+
+
+def _take_rows_fwd(table, ids, kernels):
+    return take_rows(table, ids, kernels), (table, ids)
+
+
+def _take_rows_bwd(kernels, res, g):  # jnp.take's: each row's cotangent added into a zero table
+    table, ids = res
+    ids = jnp.clip(ids, 0, table.shape[0] - 1)
+    return jnp.zeros(table.shape, g.dtype).at[ids].add(g).astype(table.dtype), None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)

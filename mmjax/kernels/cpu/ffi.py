@@ -40,7 +40,8 @@ TARGETS = {"mmjax_gemv_f32": "MmjaxGemvF32", "mmjax_gemv_bf16": "MmjaxGemvBF16",
            "mmjax_paged_decode_attention_f32": "MmjaxPagedDecodeAttentionF32",
            "mmjax_paged_decode_attention_bf16": "MmjaxPagedDecodeAttentionBF16",
            "mmjax_paged_decode_attention_s8": "MmjaxPagedDecodeAttentionS8",
-           "mmjax_prefill_attention_f32": "MmjaxPrefillAttentionF32", "mmjax_write_rows": "MmjaxWriteRows"}
+           "mmjax_prefill_attention_f32": "MmjaxPrefillAttentionF32", "mmjax_write_rows": "MmjaxWriteRows",
+           "mmjax_read_rows": "MmjaxReadRows"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _lock = threading.Lock()
 _state: dict = {}  # "lib": ctypes.CDLL | None, "error": str

@@ -14,6 +14,12 @@ bfloat16 dynamic_update_slice or scatter to float32, converting the whole cache 
 write (23 of the 25 ms of a batch-8 bf16 decode step of the benchmark model), and expands the
 pools' scatter into a loop that copies each pool (790 ms a serving decode step with 1 GiB of pools).
 
+`read_rows(table, rows)`: the reverse, table [R, C] rows rows[m] (clipped to [0, R)) -> [M, C].
+The decoders' embedding gather (mmjax.layers.linear.take_rows) goes through it for 16-bit float
+tables in the same CPU branch: XLA:CPU runs a bfloat16 gather in float32, converting the whole
+table, and hoists that convert out of the decode loop, so each call of the loop wrote the table out
+again (98 MB, ~30 ms a call of 8 steps, on the bfloat16 benchmark model).
+
 `eligible()`: the library built.
 """
 from __future__ import annotations
@@ -25,9 +31,11 @@ import numpy as np
 from mmjax.kernels.cpu import ffi
 from mmjax.kernels.policy import KernelPolicy, dispatch
 
-__all__ = ["TARGET", "dispatch_write", "eligible", "write_rows", "write_rows_reference"]
+__all__ = ["READ_TARGET", "TARGET", "dispatch_write", "eligible", "read_rows", "read_rows_reference", "write_rows",
+           "write_rows_reference"]
 
 TARGET = "mmjax_write_rows"
+READ_TARGET = "mmjax_read_rows"
 
 
 def eligible() -> bool:
@@ -35,9 +43,9 @@ def eligible() -> bool:
 
 
 def dispatch_write(kernels: KernelPolicy, rows, xla, *args):
-    """rows(*args) (a write through write_rows) in the CPU branch when the policy's attention_cpu
-    is "cpu" and the library is built, xla(*args) everywhere else: the one choice of
-    write_cache and write_pages."""
+    """rows(*args) (a write through write_rows, or a read_rows) in the CPU branch when the
+    policy's attention_cpu is "cpu" and the library is built, xla(*args) everywhere else: the one
+    choice of write_cache, write_pages and take_rows."""
     def plan(platform):
         if platform is not None and kernels.attention(platform) == "cpu" and eligible():
             return ("cpu_write_rows",), rows
@@ -63,3 +71,18 @@ def write_rows(buf, new, rows):
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0},
                             vmap_method="sequential")
     return call(buf, new.astype(buf.dtype), rows.astype(jnp.int32), row=np.int64(new.shape[1]))
+
+
+def read_rows_reference(table, rows):
+    return jnp.take(table, rows, axis=0, mode="clip")
+
+
+def read_rows(table, rows):
+    """table [R, C], rows [M] int -> [M, C]: row rows[m] (clipped to [0, R)) of table, bytes copied."""
+    if table.ndim != 2 or rows.ndim != 1 or table.shape[0] < 1:
+        raise ValueError(f"read_rows: expects table [R, C] with R >= 1 and rows [M]; got {table.shape}, {rows.shape}")
+    if ffi.load() is None:
+        raise RuntimeError(f"read_rows: kernel unavailable ({ffi.error()})")
+    call = jax.ffi.ffi_call(READ_TARGET, jax.ShapeDtypeStruct((rows.shape[0], table.shape[1]), table.dtype),
+                            vmap_method="sequential")
+    return call(table, rows.astype(jnp.int32), row=np.int64(table.shape[1]))
