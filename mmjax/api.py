@@ -229,14 +229,16 @@ def load(path: str, *, mesh=None, mm_encoder_tp_mode: str = "weights", buckets: 
 
 
 def _packs_by_default(cfg, mesh) -> bool:
-    """Panels pay off where the CPU panel kernel runs the decode steps: one CPU device (no mesh;
-    a custom call has no sharding rule) and the decoder's policy asks for the CPU matmul."""
+    """Panels pay off where the CPU panel kernel runs the decode steps: one CPU device (no mesh,
+    and no other device to shard onto later: shard_params has no rules for fused or packed
+    kernels) and the decoder's policy asks for the CPU matmul."""
     from mmjax.kernels.cpu import ffi
 
     decoder = getattr(cfg, "decoder", None)
     policy = getattr(decoder, "kernels", None)
     return (mesh is None and decoder is not None and isinstance(policy, KernelPolicy) and policy.matmul_cpu == "cpu"
-            and "cpu" in policy.platforms and jax.default_backend() == "cpu" and ffi.available())
+            and "cpu" in policy.platforms and jax.default_backend() == "cpu" and jax.device_count() == 1
+            and ffi.available())
 
 
 def _pack_decoder(module, params, float32: bool):

@@ -166,7 +166,7 @@ class NeoXDecoder(nn.Module):
         c = self.cfg
         self.embed = Embed(c.vocab_size, c.hidden_size, self.dtype, c.kernels)
         if c.position == "learned":
-            self.pos_embed = Embed(c.max_position_embeddings, c.hidden_size, self.dtype)
+            self.pos_embed = Embed(c.max_position_embeddings, c.hidden_size, self.dtype, c.kernels)
         self.layers = [NeoXBlock(c, self.dtype) for _ in range(c.num_layers)]
         self.final_norm = make_norm(c.norm, c.layer_norm_eps, self.dtype)
         if not c.tie_word_embeddings:

@@ -14,8 +14,9 @@ Which projections fuse is data, declared by the module that owns them:
 The module runs the fused product when its params hold the fused name (`project`), else its
 members one by one. `fuse_params` rewrites a param tree: each member's kernel [K, N_i]
 concatenated along N into the fused `kernel` [K, F], its int8 `kernel_scale` [N_i] and its
-`bias` [N_i] the same way; `unfuse_params` gives the checkpoint layout back. Same math: each
-output column is the same dot product, in the same order, as before.
+`bias` [N_i] the same way; `unfuse_params` gives the checkpoint layout back. Same math: in
+the CPU kernels (cpu.gemv, cpu.panels) each output column is the same dot product, summed in the
+same order; XLA's GEMM may block the wider product's sums differently (float32 rounding).
 """
 from __future__ import annotations
 

@@ -152,7 +152,9 @@ class Embed(nn.Module):
     num_embeddings: int  # V
     features: int  # D
     dtype: jnp.dtype = jnp.float32
-    kernels: KernelPolicy = KernelPolicy()
+    # The decoder's policy (its embedding gather may take a CPU kernel, take_rows); None: XLA's
+    # gather, as the vision and text towers' position and token tables use.
+    kernels: KernelPolicy | None = None
 
     def setup(self):
         self.embedding = self.param(
@@ -167,18 +169,23 @@ class Embed(nn.Module):
 
 
 
+
+def take_rows(table, ids, kernels: KernelPolicy | None = None):
+    """table [V, D] rows at ids [...] -> [..., D], as jnp.take. With a policy and a 16-bit float
+    table, the CPU branch the policy allows reads the rows with
+    mmjax.kernels.cpu.write_rows.read_rows (bytes copied; ids clipped to [0, V), in both branches):
+    XLA:CPU gathers bfloat16 in float32, converting the whole table, and hoists that convert out
+    of the decode loop (Engine.decode_steps), 98 MB written per call on the bfloat16 benchmark
+    model (~4 ms a token)."""
+    if kernels is None or not (jnp.dtype(table.dtype).itemsize == 2 and jnp.issubdtype(table.dtype, jnp.floating)):
+        return jnp.take(table, ids, axis=0)
+    return _take_rows_16(table, ids, kernels)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def take_rows(table, ids, kernels: KernelPolicy = KernelPolicy()):
-    """table [V, D] rows at ids [...] -> [..., D] (an id outside [0, V) clipped). A 16-bit float
-    table goes, in the CPU branch the policy allows, through mmjax.kernels.cpu.write_rows.read_rows
-    (bytes copied): XLA:CPU gathers bfloat16 in float32, converting the whole table, and hoists
-    that convert out of the decode loop (Engine.decode_steps), 98 MB written per call on the
-    bfloat16 benchmark model (~4 ms a token). Elsewhere, and for other dtypes, jnp.take."""
+def _take_rows_16(table, ids, kernels: KernelPolicy):
     def xla(table, ids):
         return jnp.take(table, ids, axis=0, mode="clip")
-
-    if not (jnp.dtype(table.dtype).itemsize == 2 and jnp.issubdtype(table.dtype, jnp.floating)):
-        return xla(table, ids)
 
     def rows(table, ids):
         return cpu_rows.read_rows(table, ids.reshape(-1)).reshape(*ids.shape, table.shape[1])
@@ -187,13 +194,13 @@ def take_rows(table, ids, kernels: KernelPolicy = KernelPolicy()):
 
 
 def _take_rows_fwd(table, ids, kernels):
-    return take_rows(table, ids, kernels), (table, ids)
+    return _take_rows_16(table, ids, kernels), (table, ids)
 
 
-def _take_rows_bwd(kernels, res, g):  # jnp.take's: each row's cotangent added into a zero table
+def _take_rows_bwd(kernels, res, g):  # take's (clip mode): each row's cotangent added into a zero table
     table, ids = res
     ids = jnp.clip(ids, 0, table.shape[0] - 1)
     return jnp.zeros(table.shape, g.dtype).at[ids].add(g).astype(table.dtype), None
 
 
-take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+_take_rows_16.defvjp(_take_rows_fwd, _take_rows_bwd)
