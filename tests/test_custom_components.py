@@ -83,6 +83,15 @@ def _decoder_logits(cfg, params, ids):
     return np.asarray(jax.jit(lambda p, ids: module.apply({"params": p}, ids, method=run))(params, ids))
 
 
+def _assert_logits_match(hf, cfg, params, ids):
+    """Our decoder's float32 logits against the HF torch model's on the same ids."""
+    ours = _decoder_logits(cfg, params, ids)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids).long()).logits.numpy()
+    print(f"{type(hf).__name__} logits max |Δ| = {np.abs(ours - ref).max():.2e}")
+    assert np.abs(ours - ref).max() <= tol("float32", "logits")
+
+
 def _neox_qkv(x, shape):
     """HF GPT-NeoX query_key_value: rows per head [N, 3, H] -> q, k, v (rotary already half-split)."""
     N, H = shape[0][-2:]
@@ -126,11 +135,7 @@ def test_neox_decoder_matches_hf_gpt_neox():
     ]
     ids = np.random.default_rng(0).integers(0, 96, (2, 12)).astype(np.int32)
     params = _port(hf, rules, _decoder_logits(cfg, None, ids))
-    ours = _decoder_logits(cfg, params, ids)
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(ids).long()).logits.numpy()
-    print(f"{type(hf).__name__} logits max |Δ| = {np.abs(ours - ref).max():.2e}")
-    assert np.abs(ours - ref).max() <= tol("float32", "logits")
+    _assert_logits_match(hf, cfg, params, ids)
 
 
 def test_neox_decoder_learned_positions_match_hf_gpt2():
@@ -160,11 +165,7 @@ def test_neox_decoder_learned_positions_match_hf_gpt2():
     ]
     ids = np.random.default_rng(1).integers(0, 96, (2, 10)).astype(np.int32)
     params = _port(hf, rules, _decoder_logits(cfg, None, ids))
-    ours = _decoder_logits(cfg, params, ids)
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(ids).long()).logits.numpy()
-    print(f"{type(hf).__name__} logits max |Δ| = {np.abs(ours - ref).max():.2e}")
-    assert np.abs(ours - ref).max() <= tol("float32", "logits")
+    _assert_logits_match(hf, cfg, params, ids)
 
 
 def _gptj_qk(x, shape, *, rotary_dim):
@@ -210,11 +211,7 @@ def test_neox_shared_norm_matches_hf_gptj():
     shapes = _decoder_logits(cfg, None, ids)
     assert "norm2" not in shapes["layers_0"]
     params = _port(hf, rules, shapes)
-    ours = _decoder_logits(cfg, params, ids)
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(ids).long()).logits.numpy()
-    print(f"{type(hf).__name__} logits max |Δ| = {np.abs(ours - ref).max():.2e}")
-    assert np.abs(ours - ref).max() <= tol("float32", "logits")
+    _assert_logits_match(hf, cfg, params, ids)
 
 
 def test_neox_shared_norm_matches_hf_phi():
@@ -246,11 +243,7 @@ def test_neox_shared_norm_matches_hf_phi():
     ]
     ids = np.random.default_rng(3).integers(0, 96, (2, 11)).astype(np.int32)
     params = _port(hf, rules, _decoder_logits(cfg, None, ids))
-    ours = _decoder_logits(cfg, params, ids)
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(ids).long()).logits.numpy()
-    print(f"{type(hf).__name__} logits max |Δ| = {np.abs(ours - ref).max():.2e}")
-    assert np.abs(ours - ref).max() <= tol("float32", "logits")
+    _assert_logits_match(hf, cfg, params, ids)
 
 
 def test_neox_shared_norm_needs_a_parallel_residual():
