@@ -38,7 +38,7 @@ import numpy as np
 from converters.families import rules_for
 from converters.rules import build_plan
 from mmjax.errors import InputError
-from mmjax.layers.fusion import split
+from mmjax.layers.fusion import fused_groups, member_outputs, split
 from mmjax.tree import flatten_params
 
 __all__ = ["Point", "ParityReport", "compare", "default_points"]
@@ -224,16 +224,11 @@ def _fused_members(model) -> dict[str, tuple[str, int, tuple]]:
     from mmjax.models.base import abstract_init, param_shapes
 
     _, contractions, groups = abstract_init(model.module)
-    shapes = param_shapes(model.module)
-    holders = {k.rsplit("/", 1)[0] for k in flatten_params(model.params)}  # "a/b/qkv" of "a/b/qkv/kernel"
+    shapes = {k: v.shape for k, v in param_shapes(model.module).items()}
     out = {}
-    for path, fusions in groups.items():
-        for name, members in fusions:
-            if f"{path}/{name}" not in holders:
-                continue
-            outs = tuple(tuple(shapes[f"{path}/{m}/kernel"].shape)[contractions[f"{path}/{m}/kernel"]:]
-                         for m in members)
-            out.update({f"{path}/{m}": (f"{path}/{name}", i, outs) for i, m in enumerate(members)})
+    for path, _, name, members in fused_groups(model.params, groups):
+        outs = member_outputs(path, members, shapes, contractions)
+        out.update({f"{path}/{m}": (f"{path}/{name}", i, outs) for i, m in enumerate(members)})
     return out
 
 

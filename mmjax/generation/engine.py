@@ -145,7 +145,8 @@ class Engine:
         scheduling: the host dispatches a jitted call per n tokens instead of per token. On the
         2-core benchmark machine each dispatch took 0.26-0.39 ms of host time, taken from the
         step's kernels, and bunched after every early-stop check (one step in eight ran 6-9 ms
-        instead of ~4). 8 steps per call: int8 decode at batch 1 196 -> 242 tok/s."""
+        instead of ~4). 8 steps per call: int8 + head decode at batch 1 170-190 -> 208-211 tok/s
+        (docs/cpu_kernels.md, "Decode step")."""
         return jax.lax.fori_loop(0, n, lambda i, st: self._decode_step(params, st, args, greedy=greedy), state)
 
     def _pin(self, state):

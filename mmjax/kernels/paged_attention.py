@@ -57,7 +57,7 @@ def write_pages(pages, new, slots, kernels: KernelPolicy = DEFAULT):
         r = jnp.arange(K, dtype=jnp.int32)[:, None] * (P * Z) + slots[None, :]
         return cpu_write_rows.write_rows(pages, upd.reshape(r.size, -1), r.reshape(-1))
 
-    return cpu_write_rows.dispatch_write(kernels, rows, xla, pages, upd, slots)
+    return cpu_write_rows.dispatch_rows(kernels, rows, xla, pages, upd, slots)
 
 
 def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, scale=None):

@@ -60,7 +60,7 @@ def write_cache(cache, new, index, kernels: KernelPolicy = KernelPolicy()):
              + jnp.arange(T, dtype=jnp.int32))
         return cpu_write_rows.write_rows(cache, upd.reshape(B * K * T, -1), r.reshape(-1))
 
-    return cpu_write_rows.dispatch_write(kernels, rows, xla, cache, upd, index)
+    return cpu_write_rows.dispatch_rows(kernels, rows, xla, cache, upd, index)
 
 
 def store_kv(cache, k, v, write):

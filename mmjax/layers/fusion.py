@@ -25,7 +25,7 @@ from typing import Mapping
 
 import jax.numpy as jnp
 
-__all__ = ["fuse_params", "fused_shapes", "project", "split", "unfuse_params"]
+__all__ = ["fuse_params", "fused_groups", "fused_shapes", "member_outputs", "project", "split", "unfuse_params"]
 
 _PARTS = ("kernel", "kernel_scale", "bias")  # what a member may hold; all members the same
 
@@ -91,18 +91,29 @@ def fuse_params(params: dict, groups: Mapping[str, tuple], contractions: Mapping
     return params, fused_contractions
 
 
+def fused_groups(params: Mapping, groups: Mapping[str, tuple]):
+    """(module path, its param dict, fused name, members) of every group fused in `params`."""
+    for path, fusions in groups.items():
+        node = _node(params, path)
+        for name, members in fusions:
+            if node is not None and name in node:
+                yield path, node, name, members
+
+
+def member_outputs(path: str, members, shapes: Mapping[str, tuple], contractions: Mapping[str, int]) -> tuple:
+    """Each member's output axes: its kernel's shape (shapes: the checkpoint's) past the
+    contracted axes, as `split` and `project` take them."""
+    return tuple(tuple(shapes[f"{path}/{m}/kernel"])[contractions[f"{path}/{m}/kernel"]:] for m in members)
+
+
 def fused_shapes(params: Mapping, groups: Mapping[str, tuple], shapes: Mapping[str, tuple],
                  contractions: Mapping[str, int]) -> dict:
     """{"a/b/qkv/kernel": (K, F)} of the groups fused in `params` (shapes: the checkpoint's)."""
     out = {}
-    for path, fusions in groups.items():
-        node = _node(params, path)
-        for name, members in fusions:
-            if node is None or name not in node:
-                continue
-            dims = [tuple(shapes[f"{path}/{m}/kernel"]) for m in members]
-            c = contractions[f"{path}/{members[0]}/kernel"]
-            out[f"{path}/{name}/kernel"] = (math.prod(dims[0][:c]), sum(math.prod(d[c:]) for d in dims))
+    for path, _, name, members in fused_groups(params, groups):
+        first = f"{path}/{members[0]}/kernel"
+        out[f"{path}/{name}/kernel"] = (math.prod(tuple(shapes[first])[: contractions[first]]),
+                                        sum(math.prod(o) for o in member_outputs(path, members, shapes, contractions)))
     return out
 
 
@@ -114,16 +125,11 @@ def unfuse_params(params: Mapping, groups: Mapping[str, tuple], shapes: Mapping[
         return {k: copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
     out = copy(params)
-    for path, fusions in groups.items():
-        node = _node(out, path)
-        for name, members in fusions:
-            if node is None or name not in node:
-                continue
-            fused, off = node.pop(name), 0
-            for m in members:
-                shape = tuple(shapes[f"{path}/{m}/kernel"])
-                n = math.prod(shape) // fused["kernel"].shape[0]
-                node[m] = {p: fused[p][..., off: off + n].reshape(tuple(shapes[f"{path}/{m}/{p}"]))
-                           for p in fused}
-                off += n
+    for path, node, name, members in list(fused_groups(out, groups)):
+        fused, off = node.pop(name), 0
+        for m in members:
+            shape = tuple(shapes[f"{path}/{m}/kernel"])
+            n = math.prod(shape) // fused["kernel"].shape[0]
+            node[m] = {p: fused[p][..., off: off + n].reshape(tuple(shapes[f"{path}/{m}/{p}"])) for p in fused}
+            off += n
     return out

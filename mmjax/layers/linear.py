@@ -168,8 +168,6 @@ class Embed(nn.Module):
         return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype))
 
 
-
-
 def take_rows(table, ids, kernels: KernelPolicy | None = None):
     """table [V, D] rows at ids [...] -> [..., D], as jnp.take. With a policy and a 16-bit float
     table, the CPU branch the policy allows reads the rows with
@@ -190,7 +188,7 @@ def _take_rows_16(table, ids, kernels: KernelPolicy):
     def rows(table, ids):
         return cpu_rows.read_rows(table, ids.reshape(-1)).reshape(*ids.shape, table.shape[1])
 
-    return cpu_rows.dispatch_write(kernels, rows, xla, table, ids)
+    return cpu_rows.dispatch_rows(kernels, rows, xla, table, ids)
 
 
 def _take_rows_fwd(table, ids, kernels):

@@ -31,7 +31,7 @@ import numpy as np
 from mmjax.kernels.cpu import ffi
 from mmjax.kernels.policy import KernelPolicy, dispatch
 
-__all__ = ["READ_TARGET", "TARGET", "dispatch_write", "eligible", "read_rows", "read_rows_reference", "write_rows",
+__all__ = ["READ_TARGET", "TARGET", "dispatch_rows", "eligible", "read_rows", "read_rows_reference", "write_rows",
            "write_rows_reference"]
 
 TARGET = "mmjax_write_rows"
@@ -42,7 +42,7 @@ def eligible() -> bool:
     return ffi.available()
 
 
-def dispatch_write(kernels: KernelPolicy, rows, xla, *args):
+def dispatch_rows(kernels: KernelPolicy, rows, xla, *args):
     """rows(*args) (a write through write_rows, or a read_rows) in the CPU branch when the
     policy's attention_cpu is "cpu" and the library is built, xla(*args) everywhere else: the one
     choice of write_cache, write_pages and take_rows."""
