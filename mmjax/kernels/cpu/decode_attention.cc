@@ -19,12 +19,20 @@
 //
 // One task per (b, kv head), shared out by mmjax_pool::ParallelFor (pool.h), keys in tiles of
 // ~16 KiB of cache:
-//  * logits (NarrowLogits): each key row loaded once, up to 8 vectors at a time, and dotted with
-//    all G query rows; the dot products of kN keys reduced together (NSums), * scale * k_scale.
-//    Widening each row once per head instead ran ~1.4x slower at G 3;
+//  * logits (NarrowLogits): each key row widened once and dotted with all G query rows, 2-8 rows
+//    x up to 4 heads of dot products interleaved (LogitRows); the dot products of kN keys
+//    reduced together (NSums), * scale * k_scale. Widening each row once per head instead ran
+//    ~1.4x slower at G 3;
 //  * softmax over the row, v_scale folded into the probabilities (NarrowSoftmax);
-//  * probs @ V per tile, 2 head-dim vectors x up to kGC heads of accumulators in registers
-//    (NarrowWeightedSum); the passes over a tile after the first find it in L1.
+//  * probs @ V per tile, up to kGC heads x as many head-dim vectors as the registers hold of
+//    accumulators (NarrowWeightedSum); the passes over a tile after the first find it in L1.
+// Both products keep 8-12 independent accumulators in flight: with one dot product at a time
+// (logits) and 2 head-dim vectors x 3 heads (probs @ V), each FMA waited on the one before it.
+// Interleaved, benchmarks.kv_cache_attention (K 4, G 3, S 2048, H 64; two alternating runs)
+// went at batch 1 from 0.29 / 0.20 / 0.17 ms a call (float32 / bfloat16 / int8) to
+// 0.21 / 0.13 / 0.10, at batch 8 from 1.9-2.3 / 1.1-1.6 / 0.77-0.87 to 1.5-1.6 / 0.89-0.94 /
+// 0.70-0.72. Each (row, head) still sums its products in head-dim order and each output lane
+// its key rows in order.
 // Head dims that are not whole native vectors take plain loops.
 //
 // Native-width vectors (NVec, kN = 8 floats on AVX2, 16 on AVX-512) throughout. The float32 cache
@@ -85,38 +93,63 @@ void NarrowSoftmax(float* l, int64_t n, const float* v_scale) {
   for (int64_t s = nv; s < n; ++s) l[s] = l[s] / total * (v_scale != nullptr ? v_scale[s] : 1.0f);
 }
 
-// Vectors of the head dim held in registers at once by NarrowLogits: the largest divisor of HV up
-// to 8 (8 widened vectors + an accumulator + a q load fit AVX2's 16 registers).
-constexpr int ChunkOf(int hv) {
-  for (int c = 8; c > 1; --c)
-    if (hv % c == 0) return c;
-  return 1;
+// Key rows of a block of kN dotted with a group of GC query heads: R x GC accumulators, one per
+// (row, head). Rows of one block, so R divides kN; R x GC <= 12 of AVX2's 16 registers.
+constexpr int RowsFor(int gc) { return gc == 1 ? 8 : gc <= 3 ? 4 : 2; }
+constexpr int kLogitGC = 4;  // heads per group
+
+// part[g * kN + i0 + r] = q[g0 + g] . k[off[r]] as kN partial sums (lanes), for r < R, g < GC:
+// each (row, head) summed over the head dim in order, h = 0 .. HV - 1, one multiply then FMAs,
+// with R x GC such chains interleaved. One chain at a time (each row widened once, then dotted
+// with the G heads one after another) left each FMA waiting on the one before it: 8 dependent
+// FMAs per (row, head), ~32 cycles a key row at G 3 on the 2-core EPYC.
+template <typename T, int HV, int R, int GC>
+void LogitRows(const float* __restrict__ q, int64_t g0, const T* __restrict__ k, const int64_t* __restrict__ off,
+               int i0, NVec* __restrict__ part) {
+  constexpr int64_t H = HV * kN;
+  const T* kr[R];
+  for (int r = 0; r < R; ++r) kr[r] = k + off[i0 + r];
+  NVec acc[R][GC];
+  for (int r = 0; r < R; ++r) {
+    const NVec kv = LoadW(kr[r]);
+    for (int g = 0; g < GC; ++g) acc[r][g] = NLoad(q + (g0 + g) * H) * kv;
+  }
+#pragma GCC unroll 8
+  for (int h = 1; h < HV; ++h)
+    for (int r = 0; r < R; ++r) {
+      const NVec kv = LoadW(kr[r] + h * kN);
+      for (int g = 0; g < GC; ++g) acc[r][g] += NLoad(q + (g0 + g) * H + h * kN) * kv;
+    }
+  for (int g = 0; g < GC; ++g)
+    for (int r = 0; r < R; ++r) part[(g0 + g) * kN + i0 + r] = acc[r][g];
 }
 
-// logits[g * ld + s] = scale * k_scale[s] * q[g] . k[s] for g < G, s < n (k_scale null: 1): each
-// key row is widened once, HC vectors at a time, and dotted with all G query rows (q from L1);
-// the G x kN partial dot products wait in `part` for NSums.
+// logits[g * ld + s] = scale * k_scale[s] * q[g] . k[s] for g < G, s < n (k_scale null: 1): per
+// block of kN keys, LogitRows for each group of up to kLogitGC heads; the G x kN partial dot
+// products wait in `part` for NSums.
 template <typename T, int HV>
 void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ k, const int64_t* __restrict__ off,
                   const float* __restrict__ k_scale, int64_t n, float scale, float* __restrict__ logits, int64_t ld) {
   constexpr int64_t H = HV * kN;
-  constexpr int HC = ChunkOf(HV);
   thread_local std::vector<NVec> part_buffer;
   part_buffer.resize(G * kN);
   NVec* __restrict__ part = part_buffer.data();  // [G, kN]
   int64_t s = 0;
   for (; s + kN <= n; s += kN) {
-    for (int i = 0; i < kN; ++i) {
-      const T* kr = k + off[s + i];
-      for (int h0 = 0; h0 < HV; h0 += HC) {
-        NVec kv[HC];
-        for (int h = 0; h < HC; ++h) kv[h] = LoadW(kr + (h0 + h) * kN);
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = q + g * H + h0 * kN;
-          NVec a = h0 == 0 ? NLoad(qg) * kv[0] : part[g * kN + i] + NLoad(qg) * kv[0];
-          for (int h = 1; h < HC; ++h) a += NLoad(qg + h * kN) * kv[h];
-          part[g * kN + i] = a;
-        }
+    const int64_t* o = off + s;
+    for (int64_t g0 = 0; g0 < G; g0 += kLogitGC) {
+      switch (std::min<int64_t>(kLogitGC, G - g0)) {
+        case 1:
+          for (int i = 0; i < kN; i += RowsFor(1)) LogitRows<T, HV, RowsFor(1), 1>(q, g0, k, o, i, part);
+          break;
+        case 2:
+          for (int i = 0; i < kN; i += RowsFor(2)) LogitRows<T, HV, RowsFor(2), 2>(q, g0, k, o, i, part);
+          break;
+        case 3:
+          for (int i = 0; i < kN; i += RowsFor(3)) LogitRows<T, HV, RowsFor(3), 3>(q, g0, k, o, i, part);
+          break;
+        default:
+          for (int i = 0; i < kN; i += RowsFor(4)) LogitRows<T, HV, RowsFor(4), 4>(q, g0, k, o, i, part);
       }
     }
     const NVec ksv = k_scale != nullptr ? NLoad(k_scale + s) * scale : NSplat(scale);
@@ -151,19 +184,28 @@ void NarrowWeightedSum(const float* __restrict__ probs, int64_t ld, int64_t n, c
     for (int h = 0; h < HC; ++h) NStore(out + g * H + h * kN, acc[g][h]);
 }
 
-// Heads per NarrowWeightedSum: 2 x GC accumulators + 2 widened rows + broadcasts fit the
-// 16 (AVX2) or 32 (AVX-512) registers.
+// Heads per NarrowWeightedSum, and head-dim vectors per head: GC x HC accumulators + GC
+// broadcast probabilities + the widened row fit the 16 (AVX2) or 32 (AVX-512) registers, HC as
+// large as that allows (up to 8): each accumulator takes one FMA per key row, so fewer than ~8 of
+// them leave the FMA units waiting on latency (G 3 at 2 vectors: 6 chains, ~22 cycles a key row
+// on the 2-core EPYC).
 constexpr int kGC = kN >= 16 ? 8 : 4;
+constexpr int kRegisters = kN >= 16 ? 32 : 16;
+constexpr int kMaxHC = 8;
+constexpr int WideFor(int gc) { return std::min(kMaxHC, (kRegisters - 1 - gc) / gc); }
 template <typename T>
 using WeightedSumFn = void (*)(const float*, int64_t, int64_t, const T*, const int64_t*, int64_t, float*);
 template <typename T, int HC, size_t... GC>
 constexpr std::array<WeightedSumFn<T>, sizeof...(GC)> WeightedSums(std::index_sequence<GC...>) {
   return {NarrowWeightedSum<T, int(GC) + 1, HC>...};
 }
-// kWeightedSum<T>[hc - 1][gc - 1]: hc in 1..2 vectors of the head dim, gc in 1..kGC heads.
+template <typename T, size_t... HC>
+constexpr std::array<std::array<WeightedSumFn<T>, kGC>, sizeof...(HC)> WeightedSumTable(std::index_sequence<HC...>) {
+  return {WeightedSums<T, int(HC) + 1>(std::make_index_sequence<kGC>())...};
+}
+// kWeightedSum<T>[hc - 1][gc - 1]: hc in 1..kMaxHC vectors of the head dim, gc in 1..kGC heads.
 template <typename T>
-const std::array<WeightedSumFn<T>, kGC> kWeightedSum[2] = {WeightedSums<T, 1>(std::make_index_sequence<kGC>()),
-                                                           WeightedSums<T, 2>(std::make_index_sequence<kGC>())};
+const auto kWeightedSum = WeightedSumTable<T>(std::make_index_sequence<kMaxHC>());
 
 template <typename T>
 using LogitsFn = void (*)(const float*, int64_t, const T*, const int64_t*, const float*, int64_t, float, float*, int64_t);
@@ -232,8 +274,8 @@ struct NarrowProblem {
       }
     }
     for (int64_t g = 0; g < G; ++g) NarrowSoftmax(logits.data() + g * n, n, vs);
-    // out[g] = sum_s probs[g, s] v[s]: per tile of keys, per pair of head-dim vectors, per kGC
-    // heads; the tile stays in L1 for the passes after the first.
+    // out[g] = sum_s probs[g, s] v[s]: per tile of keys, per kGC heads, per WideFor(gc) head-dim
+    // vectors; the tile stays in L1 for the passes after the first.
     for (int64_t t0 = 0; t0 < n; t0 += tile) {
       const int64_t m = std::min(tile, n - t0);
       if (fast == nullptr) {
@@ -246,12 +288,13 @@ struct NarrowProblem {
         }
         continue;
       }
-      for (int64_t h0 = 0; h0 < H; h0 += 2 * kN) {
-        const int hc = H - h0 >= 2 * kN ? 2 : 1;
-        for (int64_t g0 = 0; g0 < G; g0 += kGC) {
-          const int gc = int(std::min<int64_t>(kGC, G - g0));
+      for (int64_t g0 = 0; g0 < G; g0 += kGC) {
+        const int gc = int(std::min<int64_t>(kGC, G - g0));
+        for (int64_t h0 = 0; h0 < H;) {
+          const int hc = int(std::min<int64_t>(WideFor(gc), (H - h0) / kN));
           kWeightedSum<T>[hc - 1][gc - 1](logits.data() + g0 * n + t0, n, m, v + h0, off.data() + t0, H,
                                           op + g0 * H + h0);
+          h0 += hc * kN;
         }
       }
     }
