@@ -283,12 +283,16 @@ class _Writes:
 
     def add(self, name: str, write, block: np.ndarray | None = None) -> None:
         """A tensorstore write of `block` (hashed here), or of the array's metadata (block None)."""
-        crc = self._hasher.submit(self._crc, name, block) if block is not None else None
         n = block.nbytes if block is not None else 0
+        # The block goes in a list that _crc empties: the executor's work item keeps its arguments
+        # until after the future is done, so the producer could make the next parameter while the
+        # hasher thread still held this one (tests/test_params_checkpoint.py caught it, rarely).
+        crc = self._hasher.submit(self._crc, name, [block]) if block is not None else None
         self.queue.append((name, write, crc, n))
         self.bytes += n
 
-    def _crc(self, name: str, block: np.ndarray) -> None:  # one thread, in submission order
+    def _crc(self, name: str, holder: list) -> None:  # one thread, in submission order
+        block = holder.pop()
         self.crcs[name] = zlib.crc32(_bytes(block), self.crcs.get(name, 0))
 
     def wait(self, limit: int | None = None) -> None:
