@@ -49,10 +49,11 @@ def test_builds_here():
 # Head dims 64/80/128 (the unrolled kernels) and one that is not a multiple of the 16-lane
 # vector (7, the generic loops); G 1..7 (7 at head dim 128 runs in chunks of 2 heads); cache
 # lengths below, at and not at multiples of 16 (keys are summed 16 at a time, then one by
-# one); rows with a start, a short range, an empty range (output 0) and the whole cache.
+# one); rows with a start, a short range, an empty range (output 0) and the whole cache; rows
+# of more than 1024 keys, which run in parts merged afterwards (S 1100 and 1500: 2 parts).
 @pytest.mark.parametrize("B,K,G,S,H", [(1, 4, 3, 416, 64), (4, 2, 1, 37, 80), (2, 3, 2, 16, 128),
                                        (3, 1, 4, 100, 7), (8, 4, 3, 64, 64), (2, 1, 7, 50, 128),
-                                       (2, 2, 3, 9, 64)])
+                                       (2, 2, 3, 9, 64), (3, 1, 4, 1500, 64), (2, 2, 3, 1100, 7)])
 def test_matches_reference(B, K, G, S, H):
     q = rand(B, 1, K * G, H, seed=1, scale=2.0)  # large logits: the max subtraction matters
     k, v = rand(B, K, S, H, seed=2), rand(B, K, S, H, seed=3)
@@ -153,7 +154,7 @@ def test_grad_matches_xla():
 # unrolled kernels) and 7 (plain loops), cache lengths not multiples of the 8- or 16-lane vector,
 # rows with a start, an empty range and the whole cache; q float32 and bfloat16.
 NARROW_SHAPES = [(2, 4, 1, 37, 64), (3, 2, 4, 100, 80), (2, 1, 8, 203, 128), (4, 2, 4, 9, 64),
-                 (2, 1, 8, 50, 7), (1, 4, 4, 416, 128)]
+                 (2, 1, 8, 50, 7), (1, 4, 4, 416, 128), (3, 1, 3, 1300, 64)]
 
 
 @pytest.mark.parametrize("cache_dtype", ["bfloat16", "int8"])
@@ -177,6 +178,26 @@ def test_narrow_cache_matches_reference(B, K, G, S, H, cache_dtype, q_dtype):
     assert max_err(out, ref) <= (TOL if q_dtype == "float32" else TOL_BF16_OUT)
     if B > 1:
         assert float(jnp.max(jnp.abs(out[0].astype(jnp.float32)))) == 0.0
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16", "int8"])
+def test_a_rows_result_does_not_depend_on_its_batch(cache_dtype):
+    """Rows of more than 1024 keys run in parts (flash-decoding) split by their own length only:
+    each row gives the same bits alone as in any batch, long or short rows beside it (so the
+    serving engine's answers stay mmjax.generate's whatever else is running)."""
+    B, K, G, S, H = 4, 1, 4, 2100, 64
+    q = rand(B, 1, K * G, H, seed=1, scale=2.0)
+    (k, ks), (v, vs) = cache(rand(B, K, S, H, seed=2), cache_dtype), cache(rand(B, K, S, H, seed=3), cache_dtype)
+    start = jnp.asarray([0, 5, 0, 0], jnp.int32)
+    end = jnp.asarray([2100, 1033, 300, 1025], jnp.int32)  # 3, 2, 1 and 2 parts
+    run = jax.jit(lambda *a: cda.decode_attention_cpu(*a[:5], None, *a[5:]))
+    together = np.asarray(run(q, k, v, start, end, ks, vs))
+    for b in range(B):
+        one = lambda x: None if x is None else x[b:b + 1]
+        alone = np.asarray(run(q[b:b + 1], k[b:b + 1], v[b:b + 1], start[b:b + 1], end[b:b + 1], one(ks), one(vs)))
+        np.testing.assert_array_equal(alone, together[b:b + 1])
+    ref = cda.decode_attention_cpu_reference(q, k, v, start, end, None, ks, vs)
+    assert max_err(jnp.asarray(together), ref) <= TOL
 
 
 def test_int8_scales_are_per_token_and_head():

@@ -18,6 +18,7 @@ def _case(lengths, K, G, H, Z, L, P=40, cache="float32", q_dtype="float32", seed
     entries: the null page 0), lengths [B]."""
     rng = np.random.default_rng(seed)
     B = len(lengths)
+    P = max(P, sum(-(-n // Z) for n in lengths) + 1)  # every row's pages and the null page
     q = jnp.asarray(rng.standard_normal((B, 1, K * G, H), np.float32) * 2).astype(q_dtype)
     kp = jnp.asarray(rng.standard_normal((K, P, Z, H), np.float32))
     vp = jnp.asarray(rng.standard_normal((K, P, Z, H), np.float32))
@@ -43,9 +44,9 @@ def _gathered(q, kp, vp, tables, lengths, scales):
 
 # Page sizes that are and are not multiples of the kernels' 8/16-key groups; head dims of the
 # unrolled kernels (64, 128) and of the generic loops (24); GQA 1 and 3; rows of length 1, ending
-# mid-page, filling the table.
+# mid-page, filling the table; a row of more than 1024 keys (run in 2 parts, split mid-page).
 SHAPES = [((1, 9, 48), 2, 3, 64, 16, 3), ((5, 33, 16), 1, 1, 128, 16, 3), ((7, 20), 2, 2, 24, 5, 4),
-          ((2, 13, 30, 1), 3, 1, 64, 6, 5)]
+          ((2, 13, 30, 1), 3, 1, 64, 6, 5), ((1100, 40, 700), 1, 4, 64, 10, 110)]
 
 
 @pytest.mark.parametrize("cache", ["float32", "bfloat16", "int8"])

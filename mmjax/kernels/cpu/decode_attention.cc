@@ -34,6 +34,13 @@
 // 0.70-0.72. Each (row, head) still sums its products in head-dim order and each output lane
 // its key rows in order.
 // Head dims that are not whole native vectors take plain loops.
+// A row that sees more than kSplitRows (1024) keys runs in parts of about equal size, each its
+// own task, merged by the row's last part (flash-decoding: each part's sum of exp(logit - max) V
+// with its max and sum, rescaled to the common max). Before, one kv head at batch 1 (MQA) ran the
+// whole attention on one core: K 1, G 8, S 4096, H 64 went 0.30-0.33 -> 0.15-0.18 ms (float32),
+// 0.18-0.19 -> 0.10-0.13 (int8). Where the rows already fill the threads it costs ~2% (batch 8,
+// K 4, S 2048, int8: 0.689 vs 0.705 ms interleaved). The split depends on the row's length
+// only, so a row's result is the same in any batch and on any machine.
 //
 // Native-width vectors (NVec, kN = 8 floats on AVX2, 16 on AVX-512) throughout. The float32 cache
 // had its own kernel on 16-float vectors, which live in memory on AVX2 (docs/cpu_kernels.md,
@@ -42,8 +49,12 @@
 // after range reduction (relative error ~1e-7, like XLA's own).
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -62,8 +73,9 @@ using namespace mmjax_simd;
 constexpr int kN = kNLanes;
 
 // l[0:n] = softmax(l[0:n]) * v_scale[0:n] (v_scale null: 1), in place: max, exp(l - max), sum,
-// l / sum, as the float32 kernel; v[s] * v_scale[s] folded into the probabilities.
-void NarrowSoftmax(float* l, int64_t n, const float* v_scale) {
+// l / sum, as the float32 kernel; v[s] * v_scale[s] folded into the probabilities. With
+// max_sum (a part of a split row): exp(l - max) * v_scale, not divided; max_sum = {max, sum}.
+void NarrowSoftmax(float* l, int64_t n, const float* v_scale, float* max_sum = nullptr) {
   const int64_t nv = n / kN * kN;
   float m = l[0];
   if (nv > 0) {
@@ -85,6 +97,13 @@ void NarrowSoftmax(float* l, int64_t n, const float* v_scale) {
   for (int64_t s = nv; s < n; ++s) {
     l[s] = NExp(NSplat(l[s] - m))[0];
     total += l[s];
+  }
+  if (max_sum != nullptr) {
+    max_sum[0] = m;
+    max_sum[1] = total;
+    if (v_scale != nullptr)
+      for (int64_t s = 0; s < n; ++s) l[s] *= v_scale[s];
+    return;
   }
   for (int64_t s = 0; s < nv; s += kN) {
     const NVec p = NLoad(l + s) / total;
@@ -222,6 +241,15 @@ LogitsFn<T> NarrowLogitsFor(int64_t H) {
   return table[H / kN - 1];
 }
 
+// Rows that see more than kSplitRows keys are split into PartsOf(n) parts of ChunkRows(n, parts)
+// keys (whole native vectors), each its own task, merged afterwards (NarrowProblem::Run).
+constexpr int64_t kSplitRows = 1024;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+inline int64_t PartsOf(int64_t n) { return n <= kSplitRows ? 1 : (n + kSplitRows - 1) / kSplitRows; }
+inline int64_t ChunkRows(int64_t n, int64_t parts) {
+  return parts == 1 ? n : ((n + parts - 1) / parts + kN - 1) / kN * kN;
+}
+
 // Decode attention over a cache of T (uint16_t: bfloat16, int8_t: int8 with k_scale / v_scale,
 // one per row: [B, K, S] or, paged, [K, P, Z]). q, out float32 [B, K, G, H]; rows.h says which
 // rows of k / v each (b, kv head) task reads.
@@ -235,20 +263,28 @@ struct NarrowProblem {
   int64_t G;
   float scale;
 
-  void Task(int64_t bk, std::vector<float>& logits, std::vector<int64_t>& off, std::vector<float>& scales) const {
+  // Rows [part * chunk, (part + 1) * chunk) of the n that (b, kv head) bk sees, chunk =
+  // ChunkRows(n, parts). One part: the softmax-weighted sum into out. Several: the sum of
+  // exp(logit - max) v into op [G, H], max and sum into max_sum [G, 2], for Merge.
+  void Task(int64_t bk, int64_t part, int64_t parts, float* op, float* max_sum, std::vector<float>& logits,
+            std::vector<int64_t>& offsets, std::vector<float>& scales) const {
     const int64_t K = rows.K, H = rows.H;
-    const int64_t n = rows.Offsets(bk / K, bk % K, off);
     const float* qp = q + bk * G * H;  // [G, H]
-    float* op = out + bk * G * H;
     std::memset(op, 0, G * H * sizeof(float));
+    if (max_sum != nullptr)
+      for (int64_t g = 0; g < G; ++g) max_sum[2 * g] = kNegInf, max_sum[2 * g + 1] = 0;
+    const int64_t chunk = ChunkRows(rows.Count(bk / K), parts);
+    thread_local std::vector<int64_t> index;
+    const int64_t n = rows.Offsets(bk / K, bk % K, offsets, part * chunk, chunk, k_scale != nullptr ? &index : nullptr);
     if (n <= 0) return;
+    const int64_t* off = offsets.data();
     logits.resize(G * n);
     const float *ks = nullptr, *vs = nullptr;  // [n]: the rows' scales, in order
     if (k_scale != nullptr) {
       scales.resize(2 * n);
-      for (int64_t s = 0; s < n; ++s) {
-        scales[s] = k_scale[off[s] / H];
-        scales[n + s] = v_scale[off[s] / H];
+      for (int64_t s = 0; s < n; ++s) {  // a row's scale is at its offset / H (index[s]: no division)
+        scales[s] = k_scale[index[s]];
+        scales[n + s] = v_scale[index[s]];
       }
       ks = scales.data();
       vs = ks + n;
@@ -260,7 +296,7 @@ struct NarrowProblem {
     for (int64_t t0 = 0; t0 < n; t0 += tile) {
       const int64_t m = std::min(tile, n - t0);
       if (fast != nullptr) {
-        fast(qp, G, k, off.data() + t0, ks != nullptr ? ks + t0 : nullptr, m, scale, logits.data() + t0, n);
+        fast(qp, G, k, off + t0, ks != nullptr ? ks + t0 : nullptr, m, scale, logits.data() + t0, n);
         continue;
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -273,7 +309,8 @@ struct NarrowProblem {
         }
       }
     }
-    for (int64_t g = 0; g < G; ++g) NarrowSoftmax(logits.data() + g * n, n, vs);
+    for (int64_t g = 0; g < G; ++g)
+      NarrowSoftmax(logits.data() + g * n, n, vs, max_sum != nullptr ? max_sum + 2 * g : nullptr);
     // out[g] = sum_s probs[g, s] v[s]: per tile of keys, per kGC heads, per WideFor(gc) head-dim
     // vectors; the tile stays in L1 for the passes after the first.
     for (int64_t t0 = 0; t0 < n; t0 += tile) {
@@ -292,7 +329,7 @@ struct NarrowProblem {
         const int gc = int(std::min<int64_t>(kGC, G - g0));
         for (int64_t h0 = 0; h0 < H;) {
           const int hc = int(std::min<int64_t>(WideFor(gc), (H - h0) / kN));
-          kWeightedSum<T>[hc - 1][gc - 1](logits.data() + g0 * n + t0, n, m, v + h0, off.data() + t0, H,
+          kWeightedSum<T>[hc - 1][gc - 1](logits.data() + g0 * n + t0, n, m, v + h0, off + t0, H,
                                           op + g0 * H + h0);
           h0 += hc * kN;
         }
@@ -300,12 +337,60 @@ struct NarrowProblem {
     }
   }
 
+  // Rows of more than kSplitRows visible keys run in parts of about equal size (flash-decoding),
+  // as tasks of their own, then Merge: a long row no longer runs on one thread while the others
+  // wait (one kv head at batch 1: the whole attention on one core). How a row is split depends on
+  // its own length only, never on the batch or the thread count, so a row's result is the same in
+  // any batch (the serving engine's answers stay equal to mmjax.generate's) and on any machine.
   void Run(ffi::ThreadPool& pool, int64_t B) const {
-    mmjax_pool::ParallelFor(pool, B * rows.K, [this](int64_t t) {
+    const int64_t K = rows.K, H = rows.H;
+    std::vector<int64_t> first(B + 1, 0);  // row b's tasks: [first[b], first[b + 1]), K * parts each
+    for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + K * PartsOf(rows.Count(b));
+    const int64_t tasks = first[B];
+    std::vector<float> partial, max_sum;  // [tasks, G, H], [tasks, G, 2] for the split rows
+    std::unique_ptr<std::atomic<int64_t>[]> left;  // parts of (b, kv head) still running
+    if (tasks > B * K) {
+      partial.resize(tasks * G * H);
+      max_sum.resize(tasks * G * 2);
+      left.reset(new std::atomic<int64_t>[B * K]);
+      for (int64_t bk = 0; bk < B * K; ++bk) left[bk].store((first[bk / K + 1] - first[bk / K]) / K);
+    }
+    mmjax_pool::ParallelFor(pool, tasks, [&](int64_t t) {
       thread_local std::vector<float> logits, scales;
       thread_local std::vector<int64_t> off;
-      Task(t, logits, off, scales);
+      const int64_t b = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+      const int64_t parts = (first[b + 1] - first[b]) / K, kh = (t - first[b]) / parts, bk = b * K + kh;
+      if (parts == 1) {
+        Task(bk, 0, 1, out + bk * G * H, nullptr, logits, off, scales);
+        return;
+      }
+      Task(bk, (t - first[b]) % parts, parts, partial.data() + t * G * H, max_sum.data() + t * G * 2, logits, off,
+           scales);
+      if (left[bk].fetch_sub(1, std::memory_order_acq_rel) == 1) {  // the row's last part: merge its parts
+        const int64_t t0 = first[b] + kh * parts;
+        Merge(partial.data() + t0 * G * H, max_sum.data() + t0 * G * 2, parts, out + bk * G * H);
+      }
     });
+  }
+
+  // out[g] = sum_p exp(m_p - M) o_p[g] / sum_p exp(m_p - M) l_p, M = max_p m_p, over the parts
+  // of one split row (each part's o_p = sum exp(logit - m_p) v, l_p = sum exp(logit - m_p)).
+  void Merge(const float* o, const float* max_sum, int64_t parts, float* dst) const {
+    const int64_t H = rows.H;
+    for (int64_t g = 0; g < G; ++g) {
+      float m = kNegInf, den = 0;
+      for (int64_t p = 0; p < parts; ++p) m = std::max(m, max_sum[(p * G + g) * 2]);
+      float* d = dst + g * H;
+      std::memset(d, 0, H * sizeof(float));
+      if (m == kNegInf) continue;  // no visible key
+      for (int64_t p = 0; p < parts; ++p) {
+        const float w = std::exp(max_sum[(p * G + g) * 2] - m);
+        den += w * max_sum[(p * G + g) * 2 + 1];
+        const float* op = o + (p * G + g) * H;
+        for (int64_t h = 0; h < H; ++h) d[h] += w * op[h];
+      }
+      for (int64_t h = 0; h < H; ++h) d[h] /= den;
+    }
   }
 };
 

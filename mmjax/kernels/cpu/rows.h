@@ -24,24 +24,40 @@ struct Rows {
   const int32_t* tables = nullptr;
   int64_t L = 0, P = 0, Z = 0;
 
-  // Fills off[0:n] for task (b, kh) and returns n (0: no visible row).
-  int64_t Offsets(int64_t b, int64_t kh, std::vector<int64_t>& off) const {
+  // How many rows row b sees (the n Offsets returns, for every kv head).
+  int64_t Count(int64_t b) const {
+    if (tables == nullptr)
+      return std::max<int64_t>(std::clamp<int64_t>(end[b], 0, S) - std::clamp<int64_t>(start[b], 0, S), 0);
+    return std::clamp<int64_t>(end[b], 0, L * Z);
+  }
+
+  // Fills off[0:m] with the offsets of the visible rows first .. first + m - 1 of task (b, kh),
+  // m = min(count, Count(b) - first) (count < 0: all from first), and returns m. With idx, also
+  // idx[0:m] = off[0:m] / H, the rows' indices (an int8 cache's scales), without dividing.
+  int64_t Offsets(int64_t b, int64_t kh, std::vector<int64_t>& off, int64_t first = 0, int64_t count = -1,
+                  std::vector<int64_t>* idx = nullptr) const {
+    const int64_t n = Count(b);
+    first = std::clamp<int64_t>(first, 0, n);
+    const int64_t m = count < 0 ? n - first : std::min(count, n - first);
+    off.resize(m);
+    if (idx != nullptr) idx->resize(m);
     if (tables == nullptr) {
-      const int64_t s0 = std::clamp<int64_t>(start[b], 0, S), s1 = std::clamp<int64_t>(end[b], 0, S);
-      const int64_t n = std::max<int64_t>(s1 - s0, 0);
-      off.resize(n);
-      const int64_t base = ((b * K + kh) * S + s0) * H;
-      for (int64_t s = 0; s < n; ++s) off[s] = base + s * H;
-      return n;
+      const int64_t row0 = (b * K + kh) * S + std::clamp<int64_t>(start[b], 0, S) + first;
+      for (int64_t s = 0; s < m; ++s) off[s] = (row0 + s) * H;
+      if (idx != nullptr)
+        for (int64_t s = 0; s < m; ++s) (*idx)[s] = row0 + s;
+      return m;
     }
-    const int64_t n = std::clamp<int64_t>(end[b], 0, L * Z);
-    off.resize(n);
-    for (int64_t j = 0, s = 0; s < n; ++j) {
+    for (int64_t s = 0; s < m;) {
+      const int64_t row = first + s, j = row / Z;
       const int64_t page = std::clamp<int64_t>(tables[b * L + j], 0, P - 1);
-      const int64_t base = (kh * P + page) * Z * H;
-      for (int64_t z = 0; z < Z && s < n; ++z, ++s) off[s] = base + z * H;
+      const int64_t row0 = (kh * P + page) * Z;
+      for (int64_t z = row % Z; z < Z && s < m; ++z, ++s) {
+        off[s] = (row0 + z) * H;
+        if (idx != nullptr) (*idx)[s] = row0 + z;
+      }
     }
-    return n;
+    return m;
   }
 };
 
