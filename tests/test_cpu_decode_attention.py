@@ -200,6 +200,25 @@ def test_a_rows_result_does_not_depend_on_its_batch(cache_dtype):
     assert max_err(jnp.asarray(together), ref) <= TOL
 
 
+@pytest.mark.parametrize("cache_dtype", ["float32", "int8"])
+def test_split_rows_runs_the_split(cache_dtype, monkeypatch):
+    """With split_rows small, rows of 300 keys run in parts: other sums (the bits differ from
+    the unsplit call, so the split path ran), the same result within TOL."""
+    B, K, G, S, H = 3, 2, 3, 300, 64
+    q = rand(B, 1, K * G, H, seed=1, scale=2.0)
+    (k, ks), (v, vs) = cache(rand(B, K, S, H, seed=2), cache_dtype), cache(rand(B, K, S, H, seed=3), cache_dtype)
+    start, end = jnp.asarray([0, 7, 0], jnp.int32), jnp.asarray([300, 250, 17], jnp.int32)
+    run = lambda: np.asarray(jax.jit(lambda *a: cda.decode_attention_cpu(*a[:5], None, *a[5:]))(q, k, v, start, end,
+                                                                                                  ks, vs))
+    whole = run()
+    monkeypatch.setattr(cda, "SPLIT_ROWS", 40)  # 8, 7 and 1 parts
+    parts = run()
+    assert not np.array_equal(parts[:2], whole[:2])
+    np.testing.assert_array_equal(parts[2], whole[2])  # 17 keys: one part, the same code
+    ref = cda.decode_attention_cpu_reference(q, k, v, start, end, None, ks, vs)
+    assert max_err(jnp.asarray(parts), ref) <= TOL and max_err(jnp.asarray(whole), ref) <= TOL
+
+
 def test_int8_scales_are_per_token_and_head():
     # Scales far from 1 and different per (b, k, s): a kernel applying one row's scale to another
     # would be off by far more than 1e-5.

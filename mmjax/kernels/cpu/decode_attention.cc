@@ -39,8 +39,9 @@
 // with its max and sum, rescaled to the common max). Before, one kv head at batch 1 (MQA) ran the
 // whole attention on one core: K 1, G 8, S 4096, H 64 went 0.30-0.33 -> 0.15-0.18 ms (float32),
 // 0.18-0.19 -> 0.10-0.13 (int8). Where the rows already fill the threads it costs ~2% (batch 8,
-// K 4, S 2048, int8: 0.689 vs 0.705 ms interleaved). The split depends on the row's length
-// only, so a row's result is the same in any batch and on any machine.
+// K 4, S 2048, int8, interleaved: 0.689 ms unsplit, 0.705 split). The split depends on the
+// row's length and the split_rows attribute only, so a row's result is the same in any batch
+// and with any thread count (not across vector widths: parts and sums follow kN).
 //
 // Native-width vectors (NVec, kN = 8 floats on AVX2, 16 on AVX-512) throughout. The float32 cache
 // had its own kernel on 16-float vectors, which live in memory on AVX2 (docs/cpu_kernels.md,
@@ -114,7 +115,9 @@ void NarrowSoftmax(float* l, int64_t n, const float* v_scale, float* max_sum = n
 
 // Key rows of a block of kN dotted with a group of GC query heads: R x GC accumulators, one per
 // (row, head). Rows of one block, so R divides kN; R x GC <= 12 of AVX2's 16 registers.
-constexpr int RowsFor(int gc) { return gc == 1 ? 8 : gc <= 3 ? 4 : 2; }
+constexpr int RowsFor(int gc) { return std::min<int>(kN, gc == 1 ? 8 : gc <= 3 ? 4 : 2); }
+static_assert(kN % RowsFor(1) == 0 && kN % RowsFor(2) == 0 && kN % RowsFor(3) == 0 && kN % RowsFor(4) == 0,
+              "LogitRows' rows are rows of one block of kN keys");
 constexpr int kLogitGC = 4;  // heads per group
 
 // part[g * kN + i0 + r] = q[g0 + g] . k[off[r]] as kN partial sums (lanes), for r < R, g < GC:
@@ -241,11 +244,11 @@ LogitsFn<T> NarrowLogitsFor(int64_t H) {
   return table[H / kN - 1];
 }
 
-// Rows that see more than kSplitRows keys are split into PartsOf(n) parts of ChunkRows(n, parts)
-// keys (whole native vectors), each its own task, merged afterwards (NarrowProblem::Run).
-constexpr int64_t kSplitRows = 1024;
+// Rows that see more than split_rows keys (the attribute; decode_attention.py passes SPLIT_ROWS,
+// 1024) are split into PartsOf(n, split_rows) parts of ChunkRows(n, parts) keys (whole native
+// vectors), each its own task, merged by the row's last part (NarrowProblem::Run).
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-inline int64_t PartsOf(int64_t n) { return n <= kSplitRows ? 1 : (n + kSplitRows - 1) / kSplitRows; }
+inline int64_t PartsOf(int64_t n, int64_t split_rows) { return n <= split_rows ? 1 : (n + split_rows - 1) / split_rows; }
 inline int64_t ChunkRows(int64_t n, int64_t parts) {
   return parts == 1 ? n : ((n + parts - 1) / parts + kN - 1) / kN * kN;
 }
@@ -262,6 +265,7 @@ struct NarrowProblem {
   float* out;
   int64_t G;
   float scale;
+  int64_t split_rows;
 
   // Rows [part * chunk, (part + 1) * chunk) of the n that (b, kv head) bk sees, chunk =
   // ChunkRows(n, parts). One part: the softmax-weighted sum into out. Several: the sum of
@@ -337,21 +341,22 @@ struct NarrowProblem {
     }
   }
 
-  // Rows of more than kSplitRows visible keys run in parts of about equal size (flash-decoding),
+  // Rows of more than split_rows visible keys run in parts of about equal size (flash-decoding),
   // as tasks of their own, then Merge: a long row no longer runs on one thread while the others
   // wait (one kv head at batch 1: the whole attention on one core). How a row is split depends on
   // its own length only, never on the batch or the thread count, so a row's result is the same in
-  // any batch (the serving engine's answers stay equal to mmjax.generate's) and on any machine.
+  // any batch (the serving engine's answers stay equal to mmjax.generate's).
   void Run(ffi::ThreadPool& pool, int64_t B) const {
     const int64_t K = rows.K, H = rows.H;
     std::vector<int64_t> first(B + 1, 0);  // row b's tasks: [first[b], first[b + 1]), K * parts each
-    for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + K * PartsOf(rows.Count(b));
+    for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + K * PartsOf(rows.Count(b), split_rows);
     const int64_t tasks = first[B];
-    std::vector<float> partial, max_sum;  // [tasks, G, H], [tasks, G, 2] for the split rows
+    // [tasks, G, H] and [tasks, G, 2]: the split rows' parts (each Task clears its own slots)
+    std::unique_ptr<float[]> partial, max_sum;
     std::unique_ptr<std::atomic<int64_t>[]> left;  // parts of (b, kv head) still running
     if (tasks > B * K) {
-      partial.resize(tasks * G * H);
-      max_sum.resize(tasks * G * 2);
+      partial.reset(new float[tasks * G * H]);
+      max_sum.reset(new float[tasks * G * 2]);
       left.reset(new std::atomic<int64_t>[B * K]);
       for (int64_t bk = 0; bk < B * K; ++bk) left[bk].store((first[bk / K + 1] - first[bk / K]) / K);
     }
@@ -364,11 +369,11 @@ struct NarrowProblem {
         Task(bk, 0, 1, out + bk * G * H, nullptr, logits, off, scales);
         return;
       }
-      Task(bk, (t - first[b]) % parts, parts, partial.data() + t * G * H, max_sum.data() + t * G * 2, logits, off,
+      Task(bk, (t - first[b]) % parts, parts, partial.get() + t * G * H, max_sum.get() + t * G * 2, logits, off,
            scales);
       if (left[bk].fetch_sub(1, std::memory_order_acq_rel) == 1) {  // the row's last part: merge its parts
         const int64_t t0 = first[b] + kh * parts;
-        Merge(partial.data() + t0 * G * H, max_sum.data() + t0 * G * 2, parts, out + bk * G * H);
+        Merge(partial.get() + t0 * G * H, max_sum.get() + t0 * G * 2, parts, out + bk * G * H);
       }
     });
   }
@@ -422,7 +427,7 @@ ffi::Error CheckShapes(const char* name, ffi::Span<const int64_t> qd, ffi::Span<
 template <bool kPaged, typename KV>
 ffi::Error Solve(const char* name, ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> q, KV k, KV v,
                  const ffi::Buffer<ffi::F32>* k_scale, const ffi::Buffer<ffi::F32>* v_scale, ffi::Buffer<ffi::S32> a,
-                 ffi::Buffer<ffi::S32> b, ffi::ResultBuffer<ffi::F32> out, float scale) {
+                 ffi::Buffer<ffi::S32> b, ffi::ResultBuffer<ffi::F32> out, float scale, int64_t split_rows) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   const ffi::Span<const int64_t> scales[2] = {k_scale != nullptr ? k_scale->dimensions() : kd,
                                               v_scale != nullptr ? v_scale->dimensions() : kd};
@@ -433,7 +438,8 @@ ffi::Error Solve(const char* name, ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> 
   using T = std::remove_pointer_t<decltype(k.typed_data())>;
   NarrowProblem<T> p{q.typed_data(), k.typed_data(), v.typed_data(),
                      k_scale != nullptr ? k_scale->typed_data() : nullptr,
-                     v_scale != nullptr ? v_scale->typed_data() : nullptr, {}, out->typed_data(), qd[2], scale};
+                     v_scale != nullptr ? v_scale->typed_data() : nullptr, {}, out->typed_data(), qd[2], scale,
+                     std::max<int64_t>(split_rows, 1)};
   p.rows.K = qd[1];
   p.rows.H = qd[3];
   p.rows.end = b.typed_data();
@@ -462,18 +468,19 @@ const char* TargetName() {
 template <ffi::DataType DT, bool kPaged>
 ffi::Error DecodeFloat(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<DT> k, ffi::Buffer<DT> v,
                        ffi::Buffer<ffi::S32> a, ffi::Buffer<ffi::S32> b, ffi::ResultBuffer<ffi::F32> out,
-                       float scale) {
-  return Solve<kPaged>(TargetName<DT, kPaged>(), pool, q, k, v, nullptr, nullptr, a, b, out, scale);
+                       float scale, int64_t split_rows) {
+  return Solve<kPaged>(TargetName<DT, kPaged>(), pool, q, k, v, nullptr, nullptr, a, b, out, scale, split_rows);
 }
 
 template <bool kPaged>
 ffi::Error DecodeS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k, ffi::Buffer<ffi::S8> v,
                     ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> a,
-                    ffi::Buffer<ffi::S32> b, ffi::ResultBuffer<ffi::F32> out, float scale) {
-  return Solve<kPaged>(TargetName<ffi::S8, kPaged>(), pool, q, k, v, &k_scale, &v_scale, a, b, out, scale);
+                    ffi::Buffer<ffi::S32> b, ffi::ResultBuffer<ffi::F32> out, float scale, int64_t split_rows) {
+  return Solve<kPaged>(TargetName<ffi::S8, kPaged>(), pool, q, k, v, &k_scale, &v_scale, a, b, out, scale,
+                       split_rows);
 }
 
-// Their bindings: q, k, v (, k_scale, v_scale), a, b -> out, attribute scale.
+// Their bindings: q, k, v (, k_scale, v_scale), a, b -> out, attributes scale and split_rows.
 template <ffi::DataType DT>
 auto Binding() {
   auto kv = ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<DT>>().template
@@ -481,10 +488,10 @@ auto Binding() {
   if constexpr (DT == ffi::S8) {
     return std::move(kv).template Arg<ffi::Buffer<ffi::F32>>().template Arg<ffi::Buffer<ffi::F32>>().template
         Arg<ffi::Buffer<ffi::S32>>().template Arg<ffi::Buffer<ffi::S32>>().template Ret<ffi::Buffer<ffi::F32>>()
-        .template Attr<float>("scale");
+        .template Attr<float>("scale").template Attr<int64_t>("split_rows");
   } else {
     return std::move(kv).template Arg<ffi::Buffer<ffi::S32>>().template Arg<ffi::Buffer<ffi::S32>>().template
-        Ret<ffi::Buffer<ffi::F32>>().template Attr<float>("scale");
+        Ret<ffi::Buffer<ffi::F32>>().template Attr<float>("scale").template Attr<int64_t>("split_rows");
   }
 }
 

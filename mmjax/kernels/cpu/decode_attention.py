@@ -39,7 +39,7 @@ import numpy as np
 from mmjax.kernels.cpu import ffi
 from mmjax.kernels.decode_attention import decode_attention_reference
 
-__all__ = ["CACHE_DTYPES", "PAGED_TARGETS", "TARGET", "TARGETS", "decode_attention_cpu",
+__all__ = ["CACHE_DTYPES", "PAGED_TARGETS", "SPLIT_ROWS", "TARGET", "TARGETS", "decode_attention_cpu",
            "decode_attention_cpu_reference", "dequantize_cache", "eligible", "gather_pages", "paged_decode_attention_cpu",
            "paged_decode_attention_cpu_reference"]
 
@@ -49,6 +49,10 @@ TARGETS = {"float32": "mmjax_decode_attention_f32", "bfloat16": "mmjax_decode_at
 TARGET = TARGETS["float32"]
 PAGED_TARGETS = {dtype: "mmjax_paged_" + name[len("mmjax_"):] for dtype, name in TARGETS.items()}
 CACHE_DTYPES = tuple(TARGETS)
+# Rows that see more than this many keys run in parts, each a task of its own, merged by the
+# row's last part (flash-decoding; decode_attention.cc): one kv head at batch 1 no longer runs on
+# one core. The split follows the row's own length, so its result is the same in any batch.
+SPLIT_ROWS = 1024
 QUERY_DTYPES = ("float32", "bfloat16")
 
 
@@ -132,7 +136,7 @@ def _call(q, *args, scale, paged=False):
     qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     target = (PAGED_TARGETS if paged else TARGETS)[_name(args[0])]
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(qg.shape, jnp.float32), vmap_method="sequential")
-    return call(qg, *args, scale=np.float32(scale)).reshape(q.shape).astype(q.dtype)
+    return call(qg, *args, scale=np.float32(scale), split_rows=np.int64(SPLIT_ROWS)).reshape(q.shape).astype(q.dtype)
 
 
 def _decode_kernel(q, k, v, start, end, scale):  # float32 or bfloat16 cache
