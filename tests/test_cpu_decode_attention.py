@@ -37,6 +37,12 @@ def quantize(x):
     return jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8), scale
 
 
+def jitted_kernel():
+    """decode_attention_cpu jitted, called (q, k, v, start, end, k_scale, v_scale); a new trace each
+    time, so it reads cda.SPLIT_ROWS as it is then."""
+    return jax.jit(lambda *a: cda.decode_attention_cpu(*a[:5], None, *a[5:]))
+
+
 def cache(x, dtype):
     """x as a cache of `dtype`: (values, scale or None)."""
     return quantize(x) if dtype == "int8" else (x.astype(dtype), None)
@@ -170,7 +176,7 @@ def test_narrow_cache_matches_reference(B, K, G, S, H, cache_dtype, q_dtype):
         end[0] = start[0]  # nothing visible
         end[-1], start[-1] = S, 0
     start, end = jnp.asarray(start), jnp.asarray(end)
-    run = jax.jit(lambda *a: cda.decode_attention_cpu(*a[:5], None, *a[5:]))
+    run = jitted_kernel()
     out = run(q, k, v, start, end, ks, vs)
     assert cda.TARGETS[cache_dtype] in lowered(run, q, k, v, start, end, ks, vs)
     ref = cda.decode_attention_cpu_reference(q, k, v, start, end, None, ks, vs)
@@ -190,7 +196,7 @@ def test_a_rows_result_does_not_depend_on_its_batch(cache_dtype):
     (k, ks), (v, vs) = cache(rand(B, K, S, H, seed=2), cache_dtype), cache(rand(B, K, S, H, seed=3), cache_dtype)
     start = jnp.asarray([0, 5, 0, 0], jnp.int32)
     end = jnp.asarray([2100, 1033, 300, 1025], jnp.int32)  # 3, 2, 1 and 2 parts
-    run = jax.jit(lambda *a: cda.decode_attention_cpu(*a[:5], None, *a[5:]))
+    run = jitted_kernel()
     together = np.asarray(run(q, k, v, start, end, ks, vs))
     for b in range(B):
         one = lambda x: None if x is None else x[b:b + 1]
@@ -208,8 +214,7 @@ def test_split_rows_runs_the_split(cache_dtype, monkeypatch):
     q = rand(B, 1, K * G, H, seed=1, scale=2.0)
     (k, ks), (v, vs) = cache(rand(B, K, S, H, seed=2), cache_dtype), cache(rand(B, K, S, H, seed=3), cache_dtype)
     start, end = jnp.asarray([0, 7, 0], jnp.int32), jnp.asarray([300, 250, 17], jnp.int32)
-    run = lambda: np.asarray(jax.jit(lambda *a: cda.decode_attention_cpu(*a[:5], None, *a[5:]))(q, k, v, start, end,
-                                                                                                  ks, vs))
+    run = lambda: np.asarray(jitted_kernel()(q, k, v, start, end, ks, vs))  # traced anew: reads SPLIT_ROWS
     whole = run()
     monkeypatch.setattr(cda, "SPLIT_ROWS", 40)  # 8, 7 and 1 parts
     parts = run()

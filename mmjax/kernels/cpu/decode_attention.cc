@@ -146,6 +146,12 @@ void LogitRows(const float* __restrict__ q, int64_t g0, const T* __restrict__ k,
     for (int r = 0; r < R; ++r) part[(g0 + g) * kN + i0 + r] = acc[r][g];
 }
 
+// One block of kN key rows against the heads [g0, g0 + GC), RowsFor(GC) rows at a time.
+template <typename T, int HV, int GC>
+void LogitBlock(const float* q, int64_t g0, const T* k, const int64_t* off, NVec* part) {
+  for (int i = 0; i < kN; i += RowsFor(GC)) LogitRows<T, HV, RowsFor(GC), GC>(q, g0, k, off, i, part);
+}
+
 // logits[g * ld + s] = scale * k_scale[s] * q[g] . k[s] for g < G, s < n (k_scale null: 1): per
 // block of kN keys, LogitRows for each group of up to kLogitGC heads; the G x kN partial dot
 // products wait in `part` for NSums.
@@ -158,20 +164,12 @@ void NarrowLogits(const float* __restrict__ q, int64_t G, const T* __restrict__ 
   NVec* __restrict__ part = part_buffer.data();  // [G, kN]
   int64_t s = 0;
   for (; s + kN <= n; s += kN) {
-    const int64_t* o = off + s;
     for (int64_t g0 = 0; g0 < G; g0 += kLogitGC) {
       switch (std::min<int64_t>(kLogitGC, G - g0)) {
-        case 1:
-          for (int i = 0; i < kN; i += RowsFor(1)) LogitRows<T, HV, RowsFor(1), 1>(q, g0, k, o, i, part);
-          break;
-        case 2:
-          for (int i = 0; i < kN; i += RowsFor(2)) LogitRows<T, HV, RowsFor(2), 2>(q, g0, k, o, i, part);
-          break;
-        case 3:
-          for (int i = 0; i < kN; i += RowsFor(3)) LogitRows<T, HV, RowsFor(3), 3>(q, g0, k, o, i, part);
-          break;
-        default:
-          for (int i = 0; i < kN; i += RowsFor(4)) LogitRows<T, HV, RowsFor(4), 4>(q, g0, k, o, i, part);
+        case 1: LogitBlock<T, HV, 1>(q, g0, k, off + s, part); break;
+        case 2: LogitBlock<T, HV, 2>(q, g0, k, off + s, part); break;
+        case 3: LogitBlock<T, HV, 3>(q, g0, k, off + s, part); break;
+        default: LogitBlock<T, HV, 4>(q, g0, k, off + s, part);
       }
     }
     const NVec ksv = k_scale != nullptr ? NLoad(k_scale + s) * scale : NSplat(scale);
@@ -271,14 +269,13 @@ struct NarrowProblem {
   // ChunkRows(n, parts). One part: the softmax-weighted sum into out. Several: the sum of
   // exp(logit - max) v into op [G, H], max and sum into max_sum [G, 2], for Merge.
   void Task(int64_t bk, int64_t part, int64_t parts, float* op, float* max_sum, std::vector<float>& logits,
-            std::vector<int64_t>& offsets, std::vector<float>& scales) const {
+            std::vector<int64_t>& offsets, std::vector<int64_t>& index, std::vector<float>& scales) const {
     const int64_t K = rows.K, H = rows.H;
     const float* qp = q + bk * G * H;  // [G, H]
     std::memset(op, 0, G * H * sizeof(float));
     if (max_sum != nullptr)
       for (int64_t g = 0; g < G; ++g) max_sum[2 * g] = kNegInf, max_sum[2 * g + 1] = 0;
     const int64_t chunk = ChunkRows(rows.Count(bk / K), parts);
-    thread_local std::vector<int64_t> index;
     const int64_t n = rows.Offsets(bk / K, bk % K, offsets, part * chunk, chunk, k_scale != nullptr ? &index : nullptr);
     if (n <= 0) return;
     const int64_t* off = offsets.data();
@@ -348,8 +345,11 @@ struct NarrowProblem {
   // any batch (the serving engine's answers stay equal to mmjax.generate's).
   void Run(ffi::ThreadPool& pool, int64_t B) const {
     const int64_t K = rows.K, H = rows.H;
-    std::vector<int64_t> first(B + 1, 0);  // row b's tasks: [first[b], first[b + 1]), K * parts each
-    for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + K * PartsOf(rows.Count(b), split_rows);
+    std::vector<int64_t> parts(B), first(B + 1, 0);  // row b: parts[b] per kv head, tasks [first[b], first[b + 1])
+    for (int64_t b = 0; b < B; ++b) {
+      parts[b] = PartsOf(rows.Count(b), split_rows);
+      first[b + 1] = first[b] + K * parts[b];
+    }
     const int64_t tasks = first[B];
     // [tasks, G, H] and [tasks, G, 2]: the split rows' parts (each Task clears its own slots)
     std::unique_ptr<float[]> partial, max_sum;
@@ -358,22 +358,22 @@ struct NarrowProblem {
       partial.reset(new float[tasks * G * H]);
       max_sum.reset(new float[tasks * G * 2]);
       left.reset(new std::atomic<int64_t>[B * K]);
-      for (int64_t bk = 0; bk < B * K; ++bk) left[bk].store((first[bk / K + 1] - first[bk / K]) / K);
+      for (int64_t bk = 0; bk < B * K; ++bk) left[bk].store(parts[bk / K]);
     }
     mmjax_pool::ParallelFor(pool, tasks, [&](int64_t t) {
       thread_local std::vector<float> logits, scales;
-      thread_local std::vector<int64_t> off;
+      thread_local std::vector<int64_t> off, index;
       const int64_t b = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
-      const int64_t parts = (first[b + 1] - first[b]) / K, kh = (t - first[b]) / parts, bk = b * K + kh;
-      if (parts == 1) {
-        Task(bk, 0, 1, out + bk * G * H, nullptr, logits, off, scales);
+      const int64_t p = parts[b], kh = (t - first[b]) / p, bk = b * K + kh;
+      if (p == 1) {
+        Task(bk, 0, 1, out + bk * G * H, nullptr, logits, off, index, scales);
         return;
       }
-      Task(bk, (t - first[b]) % parts, parts, partial.get() + t * G * H, max_sum.get() + t * G * 2, logits, off,
+      Task(bk, (t - first[b]) % p, p, partial.get() + t * G * H, max_sum.get() + t * G * 2, logits, off, index,
            scales);
       if (left[bk].fetch_sub(1, std::memory_order_acq_rel) == 1) {  // the row's last part: merge its parts
-        const int64_t t0 = first[b] + kh * parts;
-        Merge(partial.get() + t0 * G * H, max_sum.get() + t0 * G * 2, parts, out + bk * G * H);
+        const int64_t t0 = first[b] + kh * p;
+        Merge(partial.get() + t0 * G * H, max_sum.get() + t0 * G * 2, p, out + bk * G * H);
       }
     });
   }
